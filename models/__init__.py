@@ -1,0 +1,1 @@
+"""Model presets (TOML), installed as the package ``vstain_cli.presets``."""

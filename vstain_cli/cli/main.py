@@ -1,0 +1,56 @@
+"""The ``vstain`` command: one Typer app, one module per command.
+
+Command modules import only typer/rich at import time; the core library (and
+torch) is imported inside each command, so ``vstain --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from vstain_cli import __version__
+
+app = typer.Typer(
+    name="vstain",
+    help="Virtual H&E staining of autofluorescence slides with conditional diffusion models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vstain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """vstain: AF -> H&E virtual staining, from slide pairs to scored, stitched slides."""
+    if debug:
+        os.environ["VSTAIN_DEBUG"] = "1"
+
+
+def _register() -> None:
+    from vstain_cli.cli import synth, tile
+
+    app.command("synth", no_args_is_help=True)(synth.synth)
+    app.command("tile", no_args_is_help=True)(tile.tile)
+
+
+_register()
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

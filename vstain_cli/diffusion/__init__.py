@@ -1,0 +1,1 @@
+"""Noise schedules, training losses and samplers; the network never owns the process."""

@@ -1,0 +1,1 @@
+"""Slide readers, pyramid writer, tissue masks and tile grids (numpy only, no torch)."""

@@ -1,0 +1,1 @@
+"""Networks: UNet (diffusion / regression / pix2pix generator), discriminators, StainNet."""
