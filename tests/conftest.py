@@ -80,3 +80,22 @@ def make_tiny_dataset(
 def tiny_dataset(tmp_path: Path) -> Path:
     """A small dataset in ``vstain tile``'s format (4 AF channels, 32 px tiles)."""
     return make_tiny_dataset(tmp_path / "dataset")
+
+
+@pytest.fixture(scope="session")
+def phantom_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six small phantom slide pairs (512x640, 5 AF channels) and their pairs.csv."""
+    from vstain_cli.synth import synth
+
+    out = tmp_path_factory.mktemp("phantom")
+    return synth(out, slides=6, size=(512, 640), channels=5, mpp=0.5, seed=1)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> "subprocess.CompletedProcess[str]":
+    """Run ``python -m vstain_cli ARGS`` as a real subprocess."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "vstain_cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from typing import Any, Callable, TypeVar
@@ -20,6 +21,9 @@ from rich.progress import (
 )
 
 from vstain_cli.errors import VstainError
+
+# tifffile logs parse problems of bad files; our errors already name them in one line
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 console = Console(stderr=True)
 out = Console()

@@ -1,0 +1,30 @@
+"""Small helpers shared by the bench scripts."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def timed(label: str, results: dict[str, float]) -> Iterator[None]:
+    """Store the wall time of the block in ``results[label]``."""
+    t = time.perf_counter()
+    yield
+    results[label] = time.perf_counter() - t
+
+
+def peak_rss_mib_of(code: str) -> float:
+    """Peak resident memory (MiB) of a fresh Python process running ``code``."""
+    wrapper = code + "\nimport resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=True).stdout
+    kib = int([ln for ln in out.splitlines() if ln.startswith("PEAK")][-1].split()[1])
+    return kib / 1024
+
+
+def self_peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
