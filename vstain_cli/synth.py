@@ -20,7 +20,6 @@ mapping is stochastic, as in real tissue.
 from __future__ import annotations
 
 import csv
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ from scipy.ndimage import gaussian_filter
 
 from vstain_cli import phantom
 from vstain_cli.errors import InputError, OutputExistsError
-from vstain_cli.io.tiff import write_pyramid
+from vstain_cli.io.tiff import write_pyramids
 from vstain_cli.progress import NullProgress, Progress
 from vstain_cli.provenance import atomic_output, ensure_writable_dir, record, write_json
 
@@ -316,44 +315,23 @@ def write_pair(
     progress = progress or NullProgress()
     renderer = PhantomRenderer(spec)
     meta = {"phantom": asdict(spec), "components": list(COMPONENTS)}
-    he_queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=4)
-    errors: list[BaseException] = []
 
-    def he_strips() -> Iterator[np.ndarray]:
-        while True:
-            item = he_queue.get()
-            if item is None:
-                return
-            yield item
-
-    def he_writer() -> None:
-        try:
-            write_pyramid(he_path, he_strips(), spec.height, spec.width, 3, np.uint8, mpp=spec.mpp,
-                          compression="jpeg", quality=90, metadata={**meta, "modality": "H&E"})
-        except BaseException as e:  # surfaced in the main thread
-            errors.append(e)
-            while he_queue.get() is not None:  # drain so the producer never blocks
-                pass
-
-    def af_strips() -> Iterator[np.ndarray]:
+    def strips() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for st in render_strips(renderer, workers):
-            he_queue.put(st.he)
             progress.advance(spec.slide_id, st.af.shape[0])
-            yield st.af
+            yield st.af, st.he
 
-    thread = threading.Thread(target=he_writer, daemon=True)
-    thread.start()
-    try:
-        write_pyramid(af_path, af_strips(), spec.height, spec.width, spec.channels, np.uint16, mpp=spec.mpp,
-                      compression=af_compression, subifds=True, min_level_size=512,
-                      ome_channels=[f"AF{i:02d}" for i in range(spec.channels)],
-                      metadata={**meta, "modality": "AF"})
-    finally:
-        he_queue.put(None)
-        thread.join()
-    if errors:
-        af_path.unlink(missing_ok=True)
-        raise errors[0]
+    common = {"height": spec.height, "width": spec.width, "mpp": spec.mpp}
+    write_pyramids(
+        [
+            {"path": af_path, "samples": spec.channels, "dtype": np.uint16, "compression": af_compression,
+             "subifds": True, "min_level_size": 512, "ome_channels": [f"AF{i:02d}" for i in range(spec.channels)],
+             "metadata": {**meta, "modality": "AF"}, **common},
+            {"path": he_path, "samples": 3, "dtype": np.uint8, "compression": "jpeg", "quality": 90,
+             "metadata": {**meta, "modality": "H&E"}, **common},
+        ],
+        strips(),
+    )
 
 
 def synth(

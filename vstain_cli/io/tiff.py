@@ -248,3 +248,57 @@ def read_provenance(path: str | Path) -> dict[str, Any]:
         except ValueError:
             return {}
     return {}
+
+
+def write_pyramids(specs: list[dict[str, Any]], strips: Iterable[tuple[np.ndarray, ...]], queue_size: int = 3) -> None:
+    """Write several pyramids from one stream of strip tuples, each in its own thread.
+
+    ``specs[i]`` holds the ``write_pyramid`` arguments (``path``, ``height``,
+    ``width``, ``samples``, ``dtype`` and options) for the ``i``-th element of
+    every tuple yielded by ``strips``. Memory stays bounded by ``queue_size``
+    strips per output. On any error no output is left behind.
+    """
+    import queue
+    import threading
+
+    queues: list[queue.Queue] = [queue.Queue(maxsize=queue_size) for _ in specs]
+    errors: list[BaseException] = []
+    done = object()
+
+    def consume(q: queue.Queue) -> Iterator[np.ndarray]:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            yield item
+
+    def worker(spec: dict[str, Any], q: queue.Queue) -> None:
+        try:
+            spec = dict(spec)
+            write_pyramid(spec.pop("path"), consume(q), spec.pop("height"), spec.pop("width"),
+                          spec.pop("samples"), spec.pop("dtype", np.uint8), **spec)
+        except BaseException as e:  # surfaced in the caller's thread
+            errors.append(e)
+            while q.get() is not done:  # keep draining so the producer never blocks
+                pass
+
+    threads = [threading.Thread(target=worker, args=(s, q), daemon=True) for s, q in zip(specs, queues)]
+    for t in threads:
+        t.start()
+    try:
+        for parts in strips:
+            if errors:
+                break
+            for q, part in zip(queues, parts):
+                q.put(part)
+    except BaseException as e:
+        errors.append(e)
+    finally:
+        for q in queues:
+            q.put(done)
+        for t in threads:
+            t.join()
+    if errors:
+        for s in specs:  # an output whose writer finished before the failure is removed too
+            Path(s["path"]).unlink(missing_ok=True)
+        raise errors[0]

@@ -1,0 +1,340 @@
+"""Per-pixel credible intervals from diffusion samples, and their calibration.
+
+The paper's recipe (Sridhar et al. 2023, after Conffusion, Horwitz & Hoshen 2022):
+N = 20 samples per input, per-pixel 5th and 95th percentiles, interval scaled by a
+factor lambda calibrated on the validation split. Calibration is a risk-controlling
+prediction set (RCPS, Bates et al. 2021; im2im-uq, Angelopoulos et al. 2022):
+
+    risk of an image  = fraction of its pixel-channel values outside the interval
+    lambda_hat        = smallest lambda (scanned from large to small, stopping at the
+                        first failure) whose Hoeffding-Bentkus upper confidence bound
+                        of the mean risk stays below alpha
+
+so that, with probability >= 1 - delta over the calibration set, the expected risk
+on new images from the same distribution is <= alpha. See docs/uncertainty.md.
+
+Arrays are numpy, (..., 3, H, W) float in the model's [-1, 1] space (any space
+works: the calibration is invariant to affine maps of targets and intervals).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from scipy import optimize, special, stats
+
+from vstain_cli.errors import InputError
+from vstain_cli.provenance import write_json
+
+FORMAT = "vstain-calibration"
+FORMAT_VERSION = 1
+DEFAULT_LAMBDAS = np.round(np.arange(0.0, 10.0 + 1e-9, 0.01), 2)  # 0.00, 0.01, ..., 10.00
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def _quantile_sorted(s: np.ndarray, q: float) -> np.ndarray:
+    """Quantile q of samples sorted along axis 0; linear interpolation (numpy's default)."""
+    pos = q * (s.shape[0] - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, s.shape[0] - 1)
+    frac = np.float32(pos - lo)
+    return s[lo] + frac * (s[hi] - s[lo])
+
+
+def sample_quantiles(samples, q_low: float = 0.05, q_high: float = 0.95
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(lower, upper, median, mean) per pixel-channel of ``samples`` (N, ...), float32.
+
+    ``samples`` are N diffusion samples of one input (e.g. (20, 3, H, W)); quantiles
+    interpolate linearly between order statistics (numpy's "linear", Hyndman & Fan
+    type 7), from one sort along the sample axis.
+    """
+    if not 0.0 <= q_low < 0.5 < q_high <= 1.0:
+        raise InputError(f"quantiles must satisfy 0 <= q_low < 0.5 < q_high <= 1, got {q_low}, {q_high}")
+    s = np.sort(np.asarray(samples, dtype=np.float32), axis=0)
+    if s.ndim < 1 or s.shape[0] < 2:
+        raise InputError(f"need at least 2 samples per input, got {s.shape[0] if s.ndim else 0}")
+    return (_quantile_sorted(s, q_low), _quantile_sorted(s, q_high),
+            _quantile_sorted(s, 0.5), s.mean(axis=0))
+
+
+def scaled_interval(lower, upper, center, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Interval scaled by ``lam`` around ``center`` (the sample median):
+
+        [center - lam * (center - lower), center + lam * (upper - center)]
+
+    ``lam = 1`` is the raw quantile interval, ``lam > 1`` widens it; the two sides
+    keep their own widths, so skewed sample distributions stay skewed (Conffusion's
+    multiplicative calibration). ``center`` is clipped into [lower, upper].
+    """
+    lower, upper = np.asarray(lower), np.asarray(upper)
+    c = np.clip(np.asarray(center), lower, upper)
+    return c - lam * (c - lower), c + lam * (upper - c)
+
+
+@dataclass
+class IntervalMaps:
+    """Credible-interval maps of one input, each (..., 3, H, W) float32."""
+
+    lower: np.ndarray
+    upper: np.ndarray
+    median: np.ndarray
+    mean: np.ndarray
+
+    @property
+    def width(self) -> np.ndarray:
+        """upper - lower: the per-pixel uncertainty map."""
+        return self.upper - self.lower
+
+
+def credible_interval(samples, lam: float = 1.0, q_low: float = 0.05, q_high: float = 0.95) -> IntervalMaps:
+    """Samples (N, ...) -> calibrated interval maps (quantiles scaled by ``lam`` around the median)."""
+    lo, hi, med, mean = sample_quantiles(samples, q_low, q_high)
+    lo, hi = scaled_interval(lo, hi, med, lam)
+    return IntervalMaps(lo.astype(np.float32), hi.astype(np.float32), med, mean)
+
+
+# ----------------------------------------------------------------------------- risk
+
+
+def pixel_risk(target, lower, upper, *, any_channel: bool = False) -> np.ndarray:
+    """Per-image fraction of values outside [lower, upper]; leading axes are kept.
+
+    Arrays are (..., C, H, W); the result has shape ``...`` (a 0-d array for one
+    image). By default each pixel-channel value counts on its own (a pixel with one
+    of three channels outside adds 1/3 pixel); ``any_channel=True`` counts a pixel
+    as outside when any of its channels is. Bounds are inclusive.
+    """
+    t = np.asarray(target)
+    out = (t < np.asarray(lower)) | (t > np.asarray(upper))
+    if any_channel:
+        return out.any(axis=-3).mean(axis=(-2, -1))
+    return out.mean(axis=(-3, -2, -1))
+
+
+def coverage(target, lower, upper, *, any_channel: bool = False) -> float:
+    """Mean fraction of values inside [lower, upper] over all images (1 - mean risk)."""
+    return float(1.0 - np.mean(pixel_risk(target, lower, upper, any_channel=any_channel)))
+
+
+def required_lambda(target, lower, upper, center) -> np.ndarray:
+    """Smallest lambda at which each value is inside ``scaled_interval(..., lam)``.
+
+    lambda* = (c - y) / (c - l) below the centre, (y - c) / (u - c) above it, 0 at
+    it, inf where that side has zero width. Value y is outside at lambda iff
+    lambda < lambda*, so the risk at lambda is the fraction of lambda* > lambda.
+    """
+    y = np.asarray(target, np.float64)
+    lo, hi = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+    c = np.clip(np.asarray(center, np.float64), lo, hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        below = np.where(y < c, np.where(c > lo, (c - y) / (c - lo), np.inf), 0.0)
+        above = np.where(y > c, np.where(hi > c, (y - c) / (hi - c), np.inf), 0.0)
+    return np.maximum(below, above)
+
+
+def image_risk_curve(target, lower, upper, center, lambdas=DEFAULT_LAMBDAS) -> np.ndarray:
+    """Risk of one image (C, H, W) at every lambda of the grid: (len(lambdas),) float64.
+
+    One sort of the image's lambda* values, then a binary search per lambda: the
+    cost does not grow with the grid, and images can be streamed one by one.
+    """
+    s = np.sort(required_lambda(target, lower, upper, center).ravel())
+    inside = np.searchsorted(s, np.asarray(lambdas, np.float64), side="right")
+    return 1.0 - inside / s.size
+
+
+def interval_risks(targets, lower, upper, center, lambdas=DEFAULT_LAMBDAS) -> np.ndarray:
+    """Per-image risks of a batch (n, C, H, W) at every lambda: (len(lambdas), n)."""
+    targets = np.asarray(targets)
+    return np.stack([image_risk_curve(targets[i], lower[i], upper[i], center[i], lambdas)
+                     for i in range(targets.shape[0])], axis=1)
+
+
+# ----------------------------------------------------------------------------- HB bound
+
+
+def _h1(a: float, b: float) -> float:
+    """Bernoulli relative entropy h1(a, b) = a log(a/b) + (1-a) log((1-a)/(1-b))."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(special.xlogy(a, a) - special.xlogy(a, b)
+                     + special.xlogy(1 - a, 1 - a) - special.xlogy(1 - a, 1 - b))
+
+
+def hb_pvalue(risk_hat: float, n: int, risk: float) -> float:
+    """Hoeffding-Bentkus p-value of H0: mean risk >= ``risk`` (Bates et al. 2021, RCPS).
+
+        p = min( exp(-n h1(min(risk_hat, risk), risk)),
+                 e * P(Binom(n, risk) <= ceil(n * risk_hat)) )
+
+    valid for losses bounded in [0, 1] (Hoeffding 1963; Bentkus 2004).
+    """
+    if risk >= 1.0:
+        return 1.0 if risk_hat >= 1.0 else 0.0
+    hoeffding = math.exp(-n * _h1(min(risk_hat, risk), risk))
+    bentkus = math.e * float(stats.binom.cdf(math.ceil(n * risk_hat - 1e-9), n, risk))
+    return min(1.0, hoeffding, bentkus)
+
+
+def hb_ucb(risk_hat: float, n: int, delta: float = 0.1) -> float:
+    """Hoeffding-Bentkus upper confidence bound of the mean risk at level 1 - delta.
+
+    UCB = sup{ R in [risk_hat, 1] : hb_pvalue(risk_hat, n, R) >= delta }: the
+    p-value is 1 at R = risk_hat and decreases to 0 at R = 1; the crossing is found
+    by Brent's method (as RCPS's reference code does).
+    """
+    if n < 1:
+        raise InputError("the calibration set is empty")
+    if not 0.0 < delta < 1.0:
+        raise InputError(f"delta must be in (0, 1), got {delta}")
+    risk_hat = float(min(max(risk_hat, 0.0), 1.0))
+    if risk_hat >= 1.0:
+        return 1.0
+
+    def gap(r: float) -> float:
+        return hb_pvalue(risk_hat, n, r) - delta
+
+    hi = 1.0 - 1e-12
+    if gap(hi) >= 0:
+        return 1.0
+    return float(optimize.brentq(gap, risk_hat, hi, xtol=1e-12, rtol=1e-12, maxiter=500))
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+@dataclass
+class Calibration:
+    """A calibrated interval scale: what ``calibrate`` writes to calibration.json."""
+
+    lam: float
+    alpha: float
+    delta: float
+    risk: float                 # empirical mean risk at lam on the calibration set
+    ucb: float                  # its Hoeffding-Bentkus UCB (< alpha)
+    n: int                      # calibration images
+    q_low: float = 0.05
+    q_high: float = 0.95
+    samples: int | None = None  # diffusion samples per input used for the quantiles
+    center: str = "median"
+    risk_unit: str = "pixel-channel"
+    grid: list[float] = field(default_factory=list)  # [min, max, count] of the lambda grid
+    method: str = "rcps-hoeffding-bentkus"
+
+    def interval(self, lower, upper, center) -> tuple[np.ndarray, np.ndarray]:
+        """Apply the calibrated scale: ``scaled_interval(lower, upper, center, lam)``."""
+        return scaled_interval(lower, upper, center, self.lam)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with format tags."""
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+
+    def to_json(self, path: str | Path) -> None:
+        """Write atomically as JSON."""
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Calibration:
+        """Read a calibration.json; InputError (naming the file) when missing or corrupt."""
+        path = Path(path)
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError("calibration file not found (make one with `vstain calibrate`)", path) from None
+        except (OSError, ValueError) as e:
+            raise InputError(f"corrupt calibration file ({e})", path) from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise InputError("not a vstain calibration file (format field missing)", path)
+        try:
+            cal = cls(
+                lam=float(meta["lam"]), alpha=float(meta["alpha"]), delta=float(meta["delta"]),
+                risk=float(meta["risk"]), ucb=float(meta["ucb"]), n=int(meta["n"]),
+                q_low=float(meta.get("q_low", 0.05)), q_high=float(meta.get("q_high", 0.95)),
+                samples=None if meta.get("samples") is None else int(meta["samples"]),
+                center=str(meta.get("center", "median")),
+                risk_unit=str(meta.get("risk_unit", "pixel-channel")),
+                grid=[float(v) for v in meta.get("grid", [])],
+                method=str(meta.get("method", "rcps-hoeffding-bentkus")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"corrupt calibration file (bad or missing field {e})", path) from None
+        if not (math.isfinite(cal.lam) and cal.lam >= 0 and 0 < cal.alpha < 1 and 0 < cal.delta < 1):
+            raise InputError(f"corrupt calibration file (lam={cal.lam}, alpha={cal.alpha}, "
+                             f"delta={cal.delta} out of range)", path)
+        return cal
+
+
+def calibrate_lambda(risks: np.ndarray | Callable[[float], np.ndarray], lambdas=DEFAULT_LAMBDAS,
+                     alpha: float = 0.1, delta: float = 0.1, **meta: Any) -> Calibration:
+    """RCPS calibration of the interval scale (Bates et al. 2021, Algorithm in §3).
+
+    ``risks`` is either an array (len(lambdas), n) of per-image risks at each
+    lambda (``interval_risks``) or a function lambda -> (n,) per-image risks. The
+    risk must not increase with lambda (true for ``scaled_interval``). Lambdas are
+    scanned from the largest down; lambda_hat is the last one whose HB UCB of the
+    mean risk is < alpha before the first that is not. ``meta`` (q_low, q_high,
+    samples, ...) is recorded in the result. InputError when even the largest
+    lambda fails (too few images, or a grid that stops too low).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise InputError(f"alpha must be in (0, 1), got {alpha}")
+    lambdas = np.asarray(lambdas, np.float64)
+    if lambdas.ndim != 1 or lambdas.size == 0:
+        raise InputError("the lambda grid must be a non-empty 1-D list")
+    order = np.argsort(lambdas)[::-1]  # large -> small
+    table = None if callable(risks) else np.asarray(risks, np.float64)
+    if table is not None and (table.ndim != 2 or table.shape[0] != lambdas.size):
+        raise InputError(f"risks must be (len(lambdas), n) = ({lambdas.size}, n), got {table.shape}")
+    chosen = None
+    for k in order:
+        r = np.asarray(risks(float(lambdas[k])) if table is None else table[k], np.float64)
+        n = r.size
+        if n == 0:
+            raise InputError("the calibration set is empty")
+        risk_hat = float(r.mean())
+        # UCB < alpha  <=>  p-value of H0 "risk >= alpha" < delta (p decreases in R):
+        # one p-value per lambda instead of a root search.
+        if hb_pvalue(risk_hat, n, alpha) >= delta:
+            break
+        chosen = (float(lambdas[k]), risk_hat, n)
+    if chosen is None:
+        raise InputError(
+            f"no lambda up to {lambdas.max():g} keeps the risk bound below alpha={alpha} "
+            f"(UCB {hb_ucb(risk_hat, n, delta):.3f} at the largest lambda with {n} images); "
+            "use more calibration images, a larger lambda grid, or a larger alpha")
+    lam, risk_hat, n = chosen
+    ucb = hb_ucb(risk_hat, n, delta)
+    grid = [float(lambdas.min()), float(lambdas.max()), float(lambdas.size)]
+    return Calibration(lam=lam, alpha=alpha, delta=delta, risk=risk_hat, ucb=ucb, n=n, grid=grid, **meta)
+
+
+def coverage_report(target, lower, upper, center, lam: float, alpha: float = 0.1) -> dict[str, float]:
+    """Held-out check of a calibration (test split): coverage and risk at ``lam``.
+
+    Returns mean coverage (pixel-channel values inside the scaled interval), mean
+    risk, the fraction of images whose own risk is <= alpha, and the mean interval
+    width (in the units of the arrays).
+    """
+    lo, hi = scaled_interval(lower, upper, center, lam)
+    r = np.atleast_1d(pixel_risk(target, lo, hi))
+    return {
+        "coverage": float(1.0 - r.mean()),
+        "risk": float(r.mean()),
+        "images_within_alpha": float(np.mean(r <= alpha)),
+        "mean_width": float(np.mean(hi - lo)),
+        "n": int(r.size),
+        "lam": float(lam),
+    }
+
+
+__all__ = [
+    "sample_quantiles", "scaled_interval", "IntervalMaps", "credible_interval", "pixel_risk",
+    "coverage", "required_lambda", "image_risk_curve", "interval_risks", "hb_pvalue", "hb_ucb",
+    "Calibration", "calibrate_lambda", "coverage_report", "DEFAULT_LAMBDAS",
+]
