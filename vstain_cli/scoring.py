@@ -1,0 +1,629 @@
+"""Core of ``vstain score``: load image sets, compute FSD/FID/L1/L2/PSNR/SSIM, report.
+
+Image sets are uint8 RGB arrays (N, 3, H, W) with one name per tile; fakes pair
+with the real set by name. Feature extractors are callables uint8 batch ->
+features (N, D) (StainNet's penultimate layer for FSD, InceptionV3 pool3 for FID).
+Definitions: docs/metrics.md. No typer/rich here; progress through ``Progress``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from vstain_cli import metrics
+from vstain_cli.errors import InputError
+from vstain_cli.progress import NullProgress, Progress
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+#: Column order of the report/CLI table (the paper's Table 1 plus PSNR/SSIM).
+METRIC_ORDER = ("FID", "FSD", "L1", "L2", "PSNR", "SSIM")
+#: True when larger is better.
+HIGHER_IS_BETTER = {"FID": False, "FSD": False, "L1": False, "L2": False, "PSNR": True, "SSIM": True}
+
+FeatureFn = Callable[[np.ndarray], Any]
+
+
+@dataclass
+class ImageSet:
+    """A set of uint8 RGB tiles (N, 3, H, W) with a name per tile."""
+
+    images: np.ndarray
+    names: list[str]
+    source: str
+    #: For a dataset split: row indices -> raw AF (k, C, H, W) in the source dtype.
+    af: Callable[[list[int]], np.ndarray] | None = None
+    #: The dataset's AF normalisation (per-channel low/high), with ``af``.
+    af_range: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def af_norm(self, rows: list[int]) -> np.ndarray:
+        """AF of ``rows`` normalised to [-1, 1] with the dataset's statistics."""
+        from vstain_cli.dataset import normalize_af
+
+        if self.af is None or self.af_range is None:
+            raise InputError("this image set has no AF (give a dataset folder)", self.source)
+        return normalize_af(self.af(rows), *self.af_range)
+
+    def take(self, idx: np.ndarray | list[int]) -> "ImageSet":
+        """The tiles at ``idx`` (in that order)."""
+        idx = [int(i) for i in idx]
+        af = None
+        if self.af is not None:
+            base = self.af
+            af = lambda rows: base([idx[r] for r in rows])  # noqa: E731
+        images = np.ascontiguousarray(self.images[idx])
+        return ImageSet(images, [self.names[i] for i in idx], self.source, af, self.af_range)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _as_nchw_uint8(a: np.ndarray, path: Path) -> np.ndarray:
+    if a.dtype != np.uint8:
+        raise InputError(f"images must be uint8 RGB (0-255), got dtype {a.dtype}", path)
+    if a.ndim == 4 and a.shape[1] == 3:
+        return a
+    if a.ndim == 4 and a.shape[3] == 3:
+        return a.transpose(0, 3, 1, 2)
+    raise InputError(f"expected an array of shape (N, 3, H, W) or (N, H, W, 3), got {a.shape}", path)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One RGB tile -> (3, H, W) uint8 (PNG/JPEG with Pillow, TIFF with tifffile)."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            a = tifffile.imread(path)
+            if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
+                a = a.transpose(1, 2, 0)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                if im.mode in ("P", "RGBA", "LA"):
+                    im = im.convert("RGB")
+                a = np.asarray(im)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input file
+        raise InputError(f"cannot read image ({type(e).__name__}: {e})", path) from None
+    if a.dtype != np.uint8:
+        raise InputError(f"image must be 8-bit RGB, got dtype {a.dtype}", path)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise InputError(f"image must be RGB, got shape {a.shape}", path)
+    return a[..., :3].transpose(2, 0, 1)
+
+
+def _load_folder(folder: Path, progress: Progress) -> ImageSet:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise InputError(f"no image tiles ({', '.join(IMAGE_SUFFIXES)}) in folder", folder)
+    names = [p.stem for p in files]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"two tiles share the name {dup!r} (tiles pair by file name)", folder)
+    first = _read_image(files[0])
+    out = np.empty((len(files), *first.shape), np.uint8)
+    out[0] = first
+    progress.start("load", f"reading {folder.name}", len(files))
+    progress.advance("load")
+    for i, p in enumerate(files[1:], 1):
+        a = _read_image(p)
+        if a.shape != first.shape:
+            raise InputError(
+                f"tile size {a.shape[2]}x{a.shape[1]} differs from {files[0].name} "
+                f"({first.shape[2]}x{first.shape[1]}); all tiles must have one size",
+                p,
+            )
+        out[i] = a
+        progress.advance("load")
+    progress.finish("load")
+    return ImageSet(out, names, str(folder))
+
+
+def _load_dataset(root: Path, split: str) -> ImageSet:
+    from vstain_cli import dataset as ds
+
+    info = ds.open_dataset(root)
+    if split not in ds.SPLITS:
+        raise InputError(f"unknown split {split!r} (choose from {', '.join(ds.SPLITS)})", root)
+    keys = info.patch_keys(split)
+    if not keys:
+        raise InputError(f"dataset has no {split!r} tiles", root)
+    he = np.concatenate([np.asarray(info.arrays(s)[1]) for s in info.slide_ids(split)])
+    names = [f"{s}_{r:06d}" for s, r in keys]
+
+    def af(rows: list[int]) -> np.ndarray:
+        return np.stack([info.arrays(keys[i][0])[0][keys[i][1]] for i in rows])
+
+    return ImageSet(he, names, f"{root}:{split}", af, (info.af_low, info.af_high))
+
+
+def load_images(path: str | Path, split: str = "test", progress: Progress | None = None) -> ImageSet:
+    """Load tiles from a folder of PNG/JPEG/TIFF (sorted by name; the stem is the
+    tile's name), a ``.npy`` array (N, 3, H, W) or (N, H, W, 3) uint8 (names are
+    row numbers), or a ``vstain tile`` dataset folder's ``split``."""
+    path = Path(path)
+    progress = progress or NullProgress()
+    if not path.exists():
+        raise InputError("image set not found (a folder of tiles, a .npy array or a dataset folder)", path)
+    if path.is_dir():
+        if (path / "dataset.json").is_file():
+            return _load_dataset(path, split)
+        return _load_folder(path, progress)
+    if path.suffix.lower() == ".npy":
+        try:
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read .npy array ({e})", path) from None
+        a = np.ascontiguousarray(_as_nchw_uint8(a, path))
+        if len(a) == 0:
+            raise InputError("array holds no tiles", path)
+        return ImageSet(a, [f"{i:06d}" for i in range(len(a))], str(path))
+    raise InputError("not an image set: give a folder of PNG/JPEG/TIFF tiles, a .npy array or a dataset folder", path)
+
+
+def pair_with_real(real: ImageSet, fake: ImageSet, progress: Progress | None = None) -> tuple[ImageSet, bool]:
+    """Order ``fake`` like ``real`` by tile name; returns (fake, paired).
+
+    Same names -> paired by name. No common name and equal N -> paired by sorted
+    order (with a warning). No common name and different N -> unpaired (FD only).
+    A partial name overlap or a different tile size is an InputError.
+    """
+    progress = progress or NullProgress()
+    if real.images.shape[2:] != fake.images.shape[2:]:
+        rh, rw = real.images.shape[2:]
+        fh, fw = fake.images.shape[2:]
+        raise InputError(f"fake tiles are {fw}x{fh} but real tiles are {rw}x{rh}; score tiles of one size", fake.source)
+    pos = {n: i for i, n in enumerate(fake.names)}
+    common = [n for n in real.names if n in pos]
+    if len(common) == len(real) == len(fake):
+        return fake.take([pos[n] for n in real.names]), True
+    if common:
+        missing = next((n for n in real.names if n not in pos), None)
+        extra = next((n for n in fake.names if n not in set(real.names)), None)
+        what = f"no fake tile for real tile {missing!r}" if missing else f"fake tile {extra!r} has no real tile"
+        raise InputError(
+            f"{len(fake)} fake tiles vs {len(real)} real tiles, {len(common)} names in common: {what}",
+            fake.source,
+        )
+    if len(real) == len(fake):
+        progress.warn(f"{fake.source}: no tile names match the real set; pairing tiles by sorted order")
+        return fake, True
+    progress.warn(
+        f"{fake.source}: {len(fake)} tiles vs {len(real)} real tiles and no names in common: "
+        "unpaired, so L1/L2/PSNR/SSIM are skipped (FD only)"
+    )
+    return fake, False
+
+
+def select_tiles(n_total: int, n: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of ``n`` of ``n_total`` tiles (all if None)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    if n < 2:
+        raise InputError(f"--n must be at least 2, got {n}")
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
+
+
+# ---------------------------------------------------------------- features
+
+
+def extract_features(
+    images: np.ndarray, fn: FeatureFn, batch_size: int = 64, progress: Progress | None = None, label: str = ""
+) -> np.ndarray:
+    """Apply a feature extractor to uint8 (N, 3, H, W) in batches -> float64 (N, D)."""
+    progress = progress or NullProgress()
+    key = f"features:{label}"
+    progress.start(key, f"features {label}", len(images))
+    out = []
+    for s in range(0, len(images), batch_size):
+        f = fn(np.ascontiguousarray(images[s : s + batch_size]))
+        if hasattr(f, "detach"):
+            f = f.detach().cpu().numpy()
+        f = np.asarray(f, np.float64).reshape(min(batch_size, len(images) - s), -1)
+        out.append(f)
+        progress.advance(key, len(f))
+    progress.finish(key)
+    feats = np.concatenate(out)
+    if not np.isfinite(feats).all():
+        raise InputError(f"{label} features contain NaN/inf (a broken feature network?)")
+    return feats
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when available else "cpu"; anything else unchanged."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def inception_extractor(weights: str | Path, device: str = "auto") -> FeatureFn:
+    """FID features: pytorch-fid's InceptionV3 pool3 (N, 2048) from a weights file."""
+    import torch
+
+    from vstain_cli.nets.inception import load_fid_inception
+
+    model = load_fid_inception(weights, resolve_device(device))
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        return model.features_uint8(torch.from_numpy(batch)).cpu().numpy()
+
+    return fn
+
+
+def stainnet_extractor(run_dir: str | Path, device: str = "auto") -> FeatureFn:
+    """FSD features: a trained StainNet run's penultimate layer ``features(x)``.
+
+    The run is opened with ``vstain_cli.runs.load_run``; tiles enter as float
+    (N, 3, H, W) in [-1, 1] (``dataset.he_to_unit``), as StainNet was trained.
+    """
+    import torch
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError("StainNet run folder not found (train one with `vstain train --preset stainnet`)", run_dir)
+    from vstain_cli import runs
+
+    run = runs.load_run(run_dir, resolve_device(device))
+    model = run.model
+    if run.kind != "stainnet" or not hasattr(model, "features"):
+        raise InputError(f"this is a {run.kind} run, not a StainNet (give it with --model)", run_dir)
+
+    @torch.no_grad()
+    def fn(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(run.device).float() / 127.5 - 1.0
+        return model.features(x).float().cpu().numpy()
+
+    return fn
+
+
+def sample_run_tiles(
+    run_dir: str | Path,
+    real: ImageSet,
+    device: str = "auto",
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Stain the AF of ``real``'s tiles with a trained run -> uint8 (N, 3, H, W).
+
+    Every model sees the same tiles in the same batches, and batch ``b`` draws its
+    noise from a generator seeded with ``seed * 1_000_003 + b``: the same noise for
+    every diffusion run at a given seed. AF is normalised with the run's own
+    training statistics (``Run.normalize``).
+    """
+    import torch
+
+    from vstain_cli import runs
+    from vstain_cli.dataset import unit_to_he
+
+    progress = progress or NullProgress()
+    run_dir = Path(run_dir)
+    if real.af is None:
+        raise InputError("--model needs AF tiles: give the dataset folder with --data (or as --real)", real.source)
+    run = runs.load_run(run_dir, resolve_device(device))
+    if run.kind == "stainnet":
+        raise InputError("a StainNet run classifies H&E; pass it with --stainnet, not --model", run_dir)
+    out = np.empty_like(real.images)
+    key = f"sample:{run_dir.name}"
+    progress.start(key, f"staining with {run_dir.name}", len(real))
+    for b, s in enumerate(range(0, len(real), batch_size)):
+        rows = list(range(s, min(s + batch_size, len(real))))
+        af = torch.from_numpy(run.normalize(real.af(rows))).to(run.device)
+        g = torch.Generator(device=run.device).manual_seed(seed * 1_000_003 + b)
+        try:
+            x = run.translate(af, sampler=sampler, steps=steps, eta=eta, generator=g)
+        except ValueError as e:  # e.g. steps > T
+            raise InputError(f"{run_dir}: {e}") from None
+        out[s : s + len(rows)] = unit_to_he(x.float().cpu().numpy())
+        progress.advance(key, len(rows))
+    progress.finish(key)
+    return out
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _interval(mean: float, lo: float, hi: float) -> dict[str, float]:
+    return {"value": mean, "lo": lo, "hi": hi}
+
+
+def score_image_sets(
+    real: np.ndarray,
+    fakes: Mapping[str, np.ndarray],
+    feature_extractors: Mapping[str, FeatureFn] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    fd_boot: int = 100,
+    paired: Mapping[str, bool] | None = None,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    fd_device: str | None = None,
+) -> dict[str, Any]:
+    """Score fake sets against a real set; 95% bootstrap intervals on every metric.
+
+    ``feature_extractors`` maps a metric name ("FSD", "FID") to a callable uint8
+    (B, 3, H, W) -> (B, D); the FD of each fake set to the real set is computed in
+    its feature space. Paired distortion (L1, L2, PSNR, SSIM) is computed for fakes
+    that are paired with ``real`` (``paired[name]``; default: same shape). The
+    same bootstrap seed is used for every model; ``fd_device`` (e.g. "cuda") runs
+    the FD bootstrap in torch float64 there. Returns a JSON-ready ``summary``
+    part (``models``, ``warnings``, ``settings``) and ``per_image`` numpy arrays.
+    """
+    progress = progress or NullProgress()
+    real = np.asarray(real)
+    feature_extractors = dict(feature_extractors or {})
+    warnings: list[str] = []
+    for name, arr in [("real", real), *fakes.items()]:
+        a = np.asarray(arr)
+        if a.ndim != 4 or a.shape[1] != 3 or a.dtype != np.uint8:
+            raise InputError(f"{name}: need uint8 RGB tiles (N, 3, H, W), got {a.dtype} {a.shape}")
+        if feature_extractors and len(a) < 2:
+            raise InputError(f"{name}: a Fréchet distance needs at least 2 tiles, got {len(a)}")
+
+    def warn(msg: str) -> None:
+        if msg not in warnings:
+            warnings.append(msg)
+            progress.warn(msg)
+
+    real_feats = {k: extract_features(real, fn, batch_size, progress, f"{k} real") for k, fn in feature_extractors.items()}
+    models: dict[str, Any] = {}
+    per_image: dict[str, dict[str, np.ndarray]] = {}
+    for name, fake in fakes.items():
+        fake = np.asarray(fake)
+        is_paired = (paired or {}).get(name, fake.shape == real.shape)
+        if is_paired and fake.shape != real.shape:
+            raise InputError(f"model {name!r}: {fake.shape} fake vs {real.shape} real images cannot be paired")
+        res: dict[str, Any] = {"n": len(fake), "paired": bool(is_paired), "metrics": {}}
+        for k, fn in feature_extractors.items():
+            ff = extract_features(fake, fn, batch_size, progress, f"{k} {name}")
+            fd = metrics.fd_from_features(real_feats[k], ff, what=f"{k} features")
+            if fd.warning:
+                warn(f"{k}: {fd.warning}")
+            key = f"boot:{k}:{name}"
+            progress.start(key, f"{k} bootstrap {name}", fd_boot)
+            lo, hi = metrics.fd_bootstrap(
+                real_feats[k], ff, fd_boot, seed, paired=is_paired, device=fd_device,
+                callback=lambda key=key: progress.advance(key),
+            )
+            progress.finish(key)
+            res["metrics"][k] = _interval(fd.value, lo, hi)
+        if is_paired:
+            per_image[name] = {}
+            progress.start(f"dist:{name}", f"L1/L2/PSNR/SSIM {name}", len(metrics.DISTORTION))
+            for k, fn in metrics.DISTORTION.items():
+                try:
+                    v = fn(real, fake)
+                except ValueError as e:
+                    raise InputError(f"model {name!r}: {e}") from None
+                per_image[name][k] = v
+                res["metrics"][k] = _interval(*metrics.bootstrap_ci(v, n_boot, seed))
+                progress.advance(f"dist:{name}")
+            progress.finish(f"dist:{name}")
+            if np.isinf(per_image[name]["PSNR"]).any():
+                warn(f"{name}: {int(np.isinf(per_image[name]['PSNR']).sum())} tiles equal their real tile (PSNR = inf)")
+        models[name] = res
+    return {
+        "n_real": int(len(real)),
+        "tile_size": [int(real.shape[2]), int(real.shape[3])],
+        "models": models,
+        "warnings": warnings,
+        "settings": {"n_boot": n_boot, "fd_boot": fd_boot, "seed": seed, "level": 0.95},
+        "per_image": per_image,
+    }
+
+
+def json_ready(obj: Any) -> Any:
+    """Results without numpy arrays (``per_image`` dropped), non-finite floats -> None."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items() if k != "per_image"}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def format_interval(m: Mapping[str, float] | None, digits: int = 1) -> str:
+    """``value [lo, hi]`` with ``digits`` decimals; '-' when absent."""
+    if not m:
+        return "-"
+
+    v = m["value"]
+    # Small nonzero values (e.g. FD on a weak feature net) keep 3 significant digits.
+    tiny = v is not None and math.isfinite(v) and v != 0 and abs(v) < 0.5 * 10**-digits
+
+    def f(x: float | None) -> str:
+        if x is None or not math.isfinite(x):
+            return "inf"
+        return f"{x:.3g}" if tiny else f"{x:.{digits}f}"
+
+    return f"{f(m['value'])} [{f(m['lo'])}, {f(m['hi'])}]"
+
+
+#: Decimals per metric in tables.
+DIGITS = {"FID": 1, "FSD": 1, "L1": 1, "L2": 1, "PSNR": 2, "SSIM": 3}
+
+
+def write_per_image_csv(path: str | Path, results: Mapping[str, Any], names: list[str]) -> None:
+    """One row per (model, tile) with the paired distortion metrics (atomic write)."""
+    from vstain_cli.provenance import atomic_output
+
+    keys = list(metrics.DISTORTION)
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        f.write(",".join(["model", "tile", *keys]) + "\n")
+        for model, vals in results.get("per_image", {}).items():
+            for i, n in enumerate(names):
+                f.write(",".join([model, n, *(f"{vals[k][i]:.6g}" for k in keys)]) + "\n")
+
+
+# ---------------------------------------------------------------- report
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.meta{color:#666;font-size:13px}
+table.metrics{border-collapse:collapse;font-size:14px}
+table.metrics th,table.metrics td{padding:6px 12px;border-bottom:1px solid #e4e4e4;text-align:right;white-space:nowrap}
+table.metrics th:first-child,table.metrics td:first-child{text-align:left}
+table.metrics thead th{border-bottom:2px solid #999}
+td .ci{color:#777;font-size:12px} td.best{font-weight:700;background:#eef6ee}
+table.grid{border-collapse:collapse} table.grid th{font-size:13px;font-weight:600;padding:2px 4px;text-align:center}
+table.grid td{padding:2px} table.grid td.rowname{font-size:11px;color:#777;text-align:right;padding-right:6px}
+table.grid img{display:block;width:128px;height:128px;image-rendering:pixelated}
+.warn{background:#fff6e0;border-left:4px solid #e0a000;padding:6px 10px;margin:4px 0;font-size:13px}
+.legend{font-size:11px;color:#555;display:flex;align-items:center;gap:4px;justify-content:center}
+.legend img{width:80px!important;height:10px!important}
+.note{font-size:12px;color:#666;max-width:900px}
+table.settings td{text-align:left!important;font-size:12px;padding:3px 12px}
+pre.note{white-space:pre-wrap}
+"""
+
+
+def _metrics_table(results: Mapping[str, Any]) -> str:
+    models = results.get("models", {})
+    cols = [m for m in METRIC_ORDER if any(m in r["metrics"] for r in models.values())]
+    best: dict[str, float] = {}
+    for c in cols:
+        vals = [r["metrics"][c]["value"] for r in models.values() if c in r["metrics"]]
+        vals = [v for v in vals if v is not None and math.isfinite(v)]
+        if vals:
+            best[c] = max(vals) if HIGHER_IS_BETTER[c] else min(vals)
+    arrow = {c: "&uarr;" if HIGHER_IS_BETTER[c] else "&darr;" for c in cols}
+    head = "".join(f"<th>{c} {arrow[c]}</th>" for c in cols)
+    rows = []
+    for name, r in models.items():
+        cells = [f"<td>{html.escape(name)}</td>"]
+        for c in cols:
+            m = r["metrics"].get(c)
+            if not m:
+                cells.append("<td>&ndash;</td>")
+                continue
+            d = DIGITS[c]
+            txt = format_interval(m, d)
+            val, ci = txt.split(" ", 1)
+            cls = ' class="best"' if len(models) > 1 and m["value"] == best.get(c) else ""
+            cells.append(f"<td{cls}>{val} <span class=ci>{ci}</span></td>")
+        cells.append(f"<td>{r['n']}{'' if r['paired'] else ' (unpaired)'}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f'<table class="metrics"><thead><tr><th>model</th>{head}<th>tiles</th></tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _image_table(columns: Mapping[str, np.ndarray], row_names: list[str] | None = None) -> str:
+    """Columns of (K, 3, H, W) uint8 images, or (K, H, W) scalar maps (viridis, shared scale)."""
+    from vstain_cli import viz
+
+    cols: dict[str, list[str]] = {}
+    legends: dict[str, str] = {}
+    k = None
+    for title, arr in columns.items():
+        a = np.asarray(arr)
+        if a.ndim == 3:  # scalar maps -> viridis with one scale per column
+            finite = a[np.isfinite(a)]
+            vmin = float(np.percentile(finite, 1)) if finite.size else 0.0
+            vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+            a = viz.colormap(a, vmin, vmax)
+            bar = viz.colormap(np.tile(np.linspace(0, 1, 80), (6, 1)), 0.0, 1.0)
+            legends[title] = (
+                f'<div class="legend">{vmin:.3g}<img src="{viz.png_data_uri(bar)}" alt="">{vmax:.3g}</div>'
+            )
+        if a.ndim != 4 or a.shape[1] != 3 or a.dtype != np.uint8:
+            raise ValueError(f"report column {title!r}: need (K, 3, H, W) uint8 or (K, H, W) maps, got {a.shape} {a.dtype}")
+        k = len(a) if k is None else min(k, len(a))
+        cols[title] = [viz.png_data_uri(img) for img in a]
+    head = "".join(f"<th>{html.escape(t)}{legends.get(t, '')}</th>" for t in cols)
+    lead = "<th></th>" if row_names else ""
+    rows = []
+    for i in range(k or 0):
+        name = f'<td class="rowname">{html.escape(row_names[i])}</td>' if row_names else ""
+        cells = "".join(f'<td><img src="{cols[t][i]}" alt="{html.escape(t)} {i}"></td>' for t in cols)
+        rows.append(f"<tr>{name}{cells}</tr>")
+    return f'<table class="grid"><thead><tr>{lead}{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _settings_table(results: Mapping[str, Any]) -> str:
+    """Key settings and provenance as a small table; the full record in a <details>."""
+    rows = [(k, v) for k, v in results.get("settings", {}).items()]
+    prov = results.get("provenance") or {}
+    rows += [(k, prov[k]) for k in ("command", "created") if k in prov]
+    rows += [(k, v) for k, v in (prov.get("software") or {}).items()]
+    body = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    full = html.escape(json.dumps(json_ready({k: v for k, v in results.items() if k != "models"}), indent=1))
+    return (
+        f'<table class="metrics settings"><tbody>{body}</tbody></table>'
+        f"<details><summary class=note>full record</summary><pre class=note>{full}</pre></details>"
+    )
+
+
+def write_report(
+    path: str | Path,
+    results: Mapping[str, Any],
+    grids: Mapping[str, np.ndarray] | None = None,
+    uncertainty: Mapping[str, np.ndarray] | None = None,
+    row_names: list[str] | None = None,
+    title: str = "vstain score",
+) -> Path:
+    """Write a self-contained report.html (images embedded as base64 PNG), atomically.
+
+    ``results``: the output of :func:`score_image_sets`. ``grids``: Fig. 2-style
+    columns, e.g. {"AF (false colour)": ..., "target H&E": ..., model: ...}, each
+    (K, 3, H, W) uint8 (rows are tiles). ``uncertainty``: optional Fig. 3-style
+    columns (input images, lower/upper bound images as (K, 3, H, W) uint8, width
+    maps as (K, H, W) floats shown in viridis with their scale).
+    """
+    from vstain_cli.provenance import atomic_output
+
+    path = Path(path)
+    settings = results.get("settings", {})
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<div class=meta>{results.get('n_real', '?')} real tiles of "
+        f"{'x'.join(str(s) for s in results.get('tile_size', []))} px &middot; "
+        f"95% percentile-bootstrap intervals over tiles ({settings.get('n_boot', '?')} resamples for means, "
+        f"{settings.get('fd_boot', '?')} for FD) &middot; seed {settings.get('seed', '?')} &middot; "
+        f"{html.escape(time.strftime('%Y-%m-%d %H:%M'))}</div>",
+        "<h2>Metrics</h2>",
+        _metrics_table(results),
+        "<p class=note>FID: Fréchet distance on InceptionV3 pool3 features (pytorch-fid weights and "
+        "preprocessing). FSD: Fréchet distance on StainNet features. L1: mean absolute error, L2: "
+        "root-mean-square error, both per pixel-channel on 0-255 RGB, averaged over tiles. PSNR in dB "
+        "(data range 255); SSIM with a 7x7 window. Arrows: direction of better; shaded: best per column. "
+        "Definitions: docs/metrics.md.</p>",
+    ]
+    for w in results.get("warnings", []):
+        parts.append(f"<div class=warn>{html.escape(w)}</div>")
+    for note in results.get("notes", []):
+        parts.append(f"<p class=note>{html.escape(note)}</p>")
+    if grids:
+        parts += ["<h2>Examples</h2>", _image_table(grids, row_names)]
+    if uncertainty:
+        parts += ["<h2>Uncertainty</h2>", _image_table(uncertainty, row_names)]
+    parts += ["<h2>Settings</h2>", _settings_table(results), "</body></html>"]
+    with atomic_output(path) as tmp:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+    return path
