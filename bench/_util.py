@@ -28,3 +28,20 @@ def peak_rss_mib_of(code: str) -> float:
 
 def self_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def quick_run(folder, channels: int = 26, preset: str = "tiny-diffusion", steps: int = 1):
+    """A real run folder trained for ``steps`` steps on a small phantom dataset (for timing)."""
+    from pathlib import Path
+
+    from vstain_cli.config import load_preset
+    from vstain_cli.synth import synth
+    from vstain_cli.tiling import TileOptions, tile
+    from vstain_cli.training import train
+
+    folder = Path(folder)
+    pairs = synth(folder / "phantom", slides=3, size=(512, 512), channels=channels, seed=11)
+    tile(pairs, folder / "dataset", TileOptions(size=128, stride=128, min_tissue=0.3))
+    p = load_preset(preset).with_train(steps=steps, batch_size=2, val_every=steps, checkpoint_every=steps)
+    train(p, folder / "dataset", folder / "run", device="cpu")
+    return folder / "run"

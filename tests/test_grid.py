@@ -65,3 +65,11 @@ def test_patch_grid_fraction_is_exact_for_block_masks(downsample):
 def test_patch_grid_empty_and_small():
     assert patch_grid(np.zeros((8, 8), bool), 16, 128, 128, 128, 128, 0.5) == []
     assert patch_grid(np.ones((8, 8), bool), 16, 100, 100, 128, 128, 0.5) == []
+
+
+def test_af_mask_without_contrast_is_all_tissue_or_all_glass():
+    rng = np.random.default_rng(1)
+    tissue = rng.normal(3000, 50, (64, 64, 4)).astype(np.uint16)
+    glass = rng.normal(180, 14, (64, 64, 4)).astype(np.uint16)
+    assert tissue_mask_af(tissue).all()
+    assert not tissue_mask_af(glass).any()

@@ -42,10 +42,13 @@ def main(
 
 
 def _register() -> None:
-    from vstain_cli.cli import synth, tile
+    from vstain_cli.cli import score, stain, synth, tile, train
 
     app.command("synth", no_args_is_help=True)(synth.synth)
     app.command("tile", no_args_is_help=True)(tile.tile)
+    app.command("train", no_args_is_help=True)(train.train)
+    app.command("stain", no_args_is_help=True)(stain.stain)
+    app.command("score", no_args_is_help=True)(score.score)
 
 
 _register()

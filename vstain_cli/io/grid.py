@@ -43,17 +43,26 @@ def tissue_mask_he(
 
 
 def tissue_mask_af(
-    thumb: np.ndarray, min_ratio: float = 1.5, min_object_px: int = 16, close_radius: int = 2
+    thumb: np.ndarray, min_ratio: float = 1.5, min_object_px: int = 16, close_radius: int = 2,
+    full_scale: float | None = None,
 ) -> np.ndarray:
     """Tissue mask of an AF thumbnail (h, w, C): total intensity above background.
 
-    Glass has little autofluorescence; tissue is brighter. The background level
-    is a low percentile of total intensity; the threshold is Otsu on log
-    intensity, at least ``min_ratio`` x background.
+    Glass has little autofluorescence; tissue is brighter. With contrast in the
+    view (98th percentile >= ``min_ratio`` x 2nd percentile) the threshold is
+    Otsu on log intensity, at least ``min_ratio`` x background. A view without
+    contrast is all tissue or all glass: it is tissue when its mean channel
+    intensity exceeds 1 % of ``full_scale`` (the dtype's range for integer AF).
     """
     total = thumb.astype(np.float32).sum(axis=2)
     total = filters.median(total, morphology.disk(2)) if total.size > 25 else total
     background = max(float(np.percentile(total, 2)), 1e-6)
+    foreground = float(np.percentile(total, 98))
+    if foreground < background * min_ratio:
+        if full_scale is None:
+            full_scale = float(np.iinfo(thumb.dtype).max) if np.issubdtype(thumb.dtype, np.integer) else 0.0
+        level = float(total.mean()) / max(thumb.shape[2], 1)
+        return np.full(total.shape, level > 0.01 * full_scale, bool)
     log_total = np.log(np.maximum(total, 1e-6))
     thr = _otsu_or_floor(log_total.ravel(), float(np.log(background * min_ratio)))
     return _clean(log_total > thr, min_object_px, close_radius)

@@ -1,0 +1,43 @@
+"""``vstain stain``: a whole virtually stained slide from an AF slide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vstain_cli.cli.common import RichProgress, console, handles_errors
+
+
+@handles_errors
+def stain(
+    af: Path = typer.Argument(..., help="AF slide (multi-channel OME-TIFF/TIFF)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Trained run folder (runs/NAME)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output pyramidal TIFF (OpenSlide/QuPath)."),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpmpp-2m (diffusion runs)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: ddpm T, ddim 50, dpmpp-2m 20)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Windows per network call."),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in px (default: a quarter window)."),
+    region: int = typer.Option(1024, "--region", help="Streaming region size in px (bounds memory)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    seed: int = typer.Option(0, "--seed", help="Seed: same seed, same slide."),
+    quality: int = typer.Option(90, "--quality", help="JPEG quality of the pyramid tiles."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+) -> None:
+    """Virtually stain a whole AF slide, stitched without seams, as a pyramidal TIFF."""
+    from vstain_cli.stain import StainOptions, stain_slide
+
+    options = StainOptions(sampler=sampler, steps=steps, batch_size=batch_size, overlap=overlap, region=region,
+                           device=device, seed=seed, quality=quality)
+    with RichProgress() as progress:
+        result = stain_slide(af, model, out, options, force=force, progress=progress)
+    if result.thumbnail is None:  # a non-zero torchrun rank
+        return
+    s = result.stats
+    h, w = result.levels[0]
+    console.print(
+        f"[green]wrote[/] {result.out} ({w}x{h} px, {len(result.levels)} levels) and {result.thumbnail.name} "
+        f"in {result.seconds:.1f} s; {s.regions} regions ({s.regions_background} background), "
+        f"{s.windows} window evaluations"
+    )
