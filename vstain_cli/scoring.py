@@ -1,17 +1,16 @@
-"""Core of ``vstain score``: load image sets, compute FSD/FID/L1/L2/PSNR/SSIM, report.
+"""Scoring primitives of ``vstain score``: load image sets, compute FSD/FID/L1/L2/PSNR/SSIM.
 
 Image sets are uint8 RGB arrays (N, 3, H, W) with one name per tile; fakes pair
 with the real set by name. Feature extractors are callables uint8 batch ->
 features (N, D) (StainNet's penultimate layer for FSD, InceptionV3 pool3 for FID).
 Definitions: docs/metrics.md. No typer/rich here; progress through ``Progress``.
+The orchestration (``vstain score`` end to end) is ``vstain_cli.evaluate``; the
+HTML report is ``vstain_cli.report``.
 """
 
 from __future__ import annotations
 
-import html
-import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -22,11 +21,10 @@ from vstain_cli import metrics
 from vstain_cli.errors import InputError
 from vstain_cli.progress import NullProgress, Progress
 
+# Display rules and the HTML writer live in vstain_cli.report; re-exported for callers.
+from vstain_cli.report import DIGITS, HIGHER_IS_BETTER, METRIC_ORDER, format_interval, write_report  # noqa: F401
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-#: Column order of the report/CLI table (the paper's Table 1 plus PSNR/SSIM).
-METRIC_ORDER = ("FID", "FSD", "L1", "L2", "PSNR", "SSIM")
-#: True when larger is better.
-HIGHER_IS_BETTER = {"FID": False, "FSD": False, "L1": False, "L2": False, "PSNR": True, "SSIM": True}
 
 FeatureFn = Callable[[np.ndarray], Any]
 
@@ -441,27 +439,6 @@ def json_ready(obj: Any) -> Any:
     return obj
 
 
-def format_interval(m: Mapping[str, float] | None, digits: int = 1) -> str:
-    """``value [lo, hi]`` with ``digits`` decimals; '-' when absent."""
-    if not m:
-        return "-"
-
-    v = m["value"]
-    # Small nonzero values (e.g. FD on a weak feature net) keep 3 significant digits.
-    tiny = v is not None and math.isfinite(v) and v != 0 and abs(v) < 0.5 * 10**-digits
-
-    def f(x: float | None) -> str:
-        if x is None or not math.isfinite(x):
-            return "inf"
-        return f"{x:.3g}" if tiny else f"{x:.{digits}f}"
-
-    return f"{f(m['value'])} [{f(m['lo'])}, {f(m['hi'])}]"
-
-
-#: Decimals per metric in tables.
-DIGITS = {"FID": 1, "FSD": 1, "L1": 1, "L2": 1, "PSNR": 2, "SSIM": 3}
-
-
 def write_per_image_csv(path: str | Path, results: Mapping[str, Any], names: list[str]) -> None:
     """One row per (model, tile) with the paired distortion metrics (atomic write)."""
     from vstain_cli.provenance import atomic_output
@@ -472,158 +449,3 @@ def write_per_image_csv(path: str | Path, results: Mapping[str, Any], names: lis
         for model, vals in results.get("per_image", {}).items():
             for i, n in enumerate(names):
                 f.write(",".join([model, n, *(f"{vals[k][i]:.6g}" for k in keys)]) + "\n")
-
-
-# ---------------------------------------------------------------- report
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
-.meta{color:#666;font-size:13px}
-table.metrics{border-collapse:collapse;font-size:14px}
-table.metrics th,table.metrics td{padding:6px 12px;border-bottom:1px solid #e4e4e4;text-align:right;white-space:nowrap}
-table.metrics th:first-child,table.metrics td:first-child{text-align:left}
-table.metrics thead th{border-bottom:2px solid #999}
-td .ci{color:#777;font-size:12px} td.best{font-weight:700;background:#eef6ee}
-table.grid{border-collapse:collapse} table.grid th{font-size:13px;font-weight:600;padding:2px 4px;text-align:center}
-table.grid td{padding:2px} table.grid td.rowname{font-size:11px;color:#777;text-align:right;padding-right:6px}
-table.grid img{display:block;width:128px;height:128px;image-rendering:pixelated}
-.warn{background:#fff6e0;border-left:4px solid #e0a000;padding:6px 10px;margin:4px 0;font-size:13px}
-.legend{font-size:11px;color:#555;display:flex;align-items:center;gap:4px;justify-content:center}
-.legend img{width:80px!important;height:10px!important}
-.note{font-size:12px;color:#666;max-width:900px}
-table.settings td{text-align:left!important;font-size:12px;padding:3px 12px}
-pre.note{white-space:pre-wrap}
-"""
-
-
-def _metrics_table(results: Mapping[str, Any]) -> str:
-    models = results.get("models", {})
-    cols = [m for m in METRIC_ORDER if any(m in r["metrics"] for r in models.values())]
-    best: dict[str, float] = {}
-    for c in cols:
-        vals = [r["metrics"][c]["value"] for r in models.values() if c in r["metrics"]]
-        vals = [v for v in vals if v is not None and math.isfinite(v)]
-        if vals:
-            best[c] = max(vals) if HIGHER_IS_BETTER[c] else min(vals)
-    arrow = {c: "&uarr;" if HIGHER_IS_BETTER[c] else "&darr;" for c in cols}
-    head = "".join(f"<th>{c} {arrow[c]}</th>" for c in cols)
-    rows = []
-    for name, r in models.items():
-        cells = [f"<td>{html.escape(name)}</td>"]
-        for c in cols:
-            m = r["metrics"].get(c)
-            if not m:
-                cells.append("<td>&ndash;</td>")
-                continue
-            d = DIGITS[c]
-            txt = format_interval(m, d)
-            val, ci = txt.split(" ", 1)
-            cls = ' class="best"' if len(models) > 1 and m["value"] == best.get(c) else ""
-            cells.append(f"<td{cls}>{val} <span class=ci>{ci}</span></td>")
-        cells.append(f"<td>{r['n']}{'' if r['paired'] else ' (unpaired)'}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (
-        f'<table class="metrics"><thead><tr><th>model</th>{head}<th>tiles</th></tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table>"
-    )
-
-
-def _image_table(columns: Mapping[str, np.ndarray], row_names: list[str] | None = None) -> str:
-    """Columns of (K, 3, H, W) uint8 images, or (K, H, W) scalar maps (viridis, shared scale)."""
-    from vstain_cli import viz
-
-    cols: dict[str, list[str]] = {}
-    legends: dict[str, str] = {}
-    k = None
-    for title, arr in columns.items():
-        a = np.asarray(arr)
-        if a.ndim == 3:  # scalar maps -> viridis with one scale per column
-            finite = a[np.isfinite(a)]
-            vmin = float(np.percentile(finite, 1)) if finite.size else 0.0
-            vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-            a = viz.colormap(a, vmin, vmax)
-            bar = viz.colormap(np.tile(np.linspace(0, 1, 80), (6, 1)), 0.0, 1.0)
-            legends[title] = (
-                f'<div class="legend">{vmin:.3g}<img src="{viz.png_data_uri(bar)}" alt="">{vmax:.3g}</div>'
-            )
-        if a.ndim != 4 or a.shape[1] != 3 or a.dtype != np.uint8:
-            raise ValueError(f"report column {title!r}: need (K, 3, H, W) uint8 or (K, H, W) maps, got {a.shape} {a.dtype}")
-        k = len(a) if k is None else min(k, len(a))
-        cols[title] = [viz.png_data_uri(img) for img in a]
-    head = "".join(f"<th>{html.escape(t)}{legends.get(t, '')}</th>" for t in cols)
-    lead = "<th></th>" if row_names else ""
-    rows = []
-    for i in range(k or 0):
-        name = f'<td class="rowname">{html.escape(row_names[i])}</td>' if row_names else ""
-        cells = "".join(f'<td><img src="{cols[t][i]}" alt="{html.escape(t)} {i}"></td>' for t in cols)
-        rows.append(f"<tr>{name}{cells}</tr>")
-    return f'<table class="grid"><thead><tr>{lead}{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
-
-
-def _settings_table(results: Mapping[str, Any]) -> str:
-    """Key settings and provenance as a small table; the full record in a <details>."""
-    rows = [(k, v) for k, v in results.get("settings", {}).items()]
-    prov = results.get("provenance") or {}
-    rows += [(k, prov[k]) for k in ("command", "created") if k in prov]
-    rows += [(k, v) for k, v in (prov.get("software") or {}).items()]
-    body = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows
-    )
-    full = html.escape(json.dumps(json_ready({k: v for k, v in results.items() if k != "models"}), indent=1))
-    return (
-        f'<table class="metrics settings"><tbody>{body}</tbody></table>'
-        f"<details><summary class=note>full record</summary><pre class=note>{full}</pre></details>"
-    )
-
-
-def write_report(
-    path: str | Path,
-    results: Mapping[str, Any],
-    grids: Mapping[str, np.ndarray] | None = None,
-    uncertainty: Mapping[str, np.ndarray] | None = None,
-    row_names: list[str] | None = None,
-    title: str = "vstain score",
-) -> Path:
-    """Write a self-contained report.html (images embedded as base64 PNG), atomically.
-
-    ``results``: the output of :func:`score_image_sets`. ``grids``: Fig. 2-style
-    columns, e.g. {"AF (false colour)": ..., "target H&E": ..., model: ...}, each
-    (K, 3, H, W) uint8 (rows are tiles). ``uncertainty``: optional Fig. 3-style
-    columns (input images, lower/upper bound images as (K, 3, H, W) uint8, width
-    maps as (K, H, W) floats shown in viridis with their scale).
-    """
-    from vstain_cli.provenance import atomic_output
-
-    path = Path(path)
-    settings = results.get("settings", {})
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        f"<div class=meta>{results.get('n_real', '?')} real tiles of "
-        f"{'x'.join(str(s) for s in results.get('tile_size', []))} px &middot; "
-        f"95% percentile-bootstrap intervals over tiles ({settings.get('n_boot', '?')} resamples for means, "
-        f"{settings.get('fd_boot', '?')} for FD) &middot; seed {settings.get('seed', '?')} &middot; "
-        f"{html.escape(time.strftime('%Y-%m-%d %H:%M'))}</div>",
-        "<h2>Metrics</h2>",
-        _metrics_table(results),
-        "<p class=note>FID: Fréchet distance on InceptionV3 pool3 features (pytorch-fid weights and "
-        "preprocessing). FSD: Fréchet distance on StainNet features. L1: mean absolute error, L2: "
-        "root-mean-square error, both per pixel-channel on 0-255 RGB, averaged over tiles. PSNR in dB "
-        "(data range 255); SSIM with a 7x7 window. Arrows: direction of better; shaded: best per column. "
-        "Definitions: docs/metrics.md.</p>",
-    ]
-    for w in results.get("warnings", []):
-        parts.append(f"<div class=warn>{html.escape(w)}</div>")
-    for note in results.get("notes", []):
-        parts.append(f"<p class=note>{html.escape(note)}</p>")
-    if grids:
-        parts += ["<h2>Examples</h2>", _image_table(grids, row_names)]
-    if uncertainty:
-        parts += ["<h2>Uncertainty</h2>", _image_table(uncertainty, row_names)]
-    parts += ["<h2>Settings</h2>", _settings_table(results), "</body></html>"]
-    with atomic_output(path) as tmp:
-        tmp.write_text("\n".join(parts), encoding="utf-8")
-    return path
