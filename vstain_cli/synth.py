@@ -6,7 +6,8 @@ The phantom is built from components with their own optics:
 - hepatocyte cytoplasm in cords, separated by sinusoids;
 - nuclei with random chromatin texture (+ some small inflammatory nuclei);
 - macrovesicular fat droplets whose density follows the slide label 0-3
-  (steatosis grade: <5 %, 5-33 %, 34-66 %, >66 % of parenchyma);
+  (steatosis grade: <5 %, 5-33 %, 34-66 %, >66 % of parenchyma), and small
+  microvesicular droplets whose density also follows it;
 - collagen bands (portal tracts / septa).
 
 AF: each component has an emission spectrum over C channels; counts are
@@ -38,6 +39,9 @@ from vstain_cli.provenance import atomic_output, ensure_writable_dir, record, wr
 STRIP = 256
 # Fraction of parenchyma occupied by fat droplets for labels 0..3 (steatosis grade).
 FAT_CELL_PROBABILITY = (0.02, 0.25, 0.55, 0.95)
+# Probability of a small (microvesicular) droplet per 9 um cell for labels 0..3: makes
+# the grade visible in small patches too, as in NASH where both forms occur.
+MICRO_FAT_PROBABILITY = (0.01, 0.12, 0.30, 0.55)
 # Beer-Lambert optical density vectors (per unit stain) for RGB, after
 # Ruifrok & Johnston 2001 (skimage.color.rgb_from_hed rows, log10 units).
 HEMATOXYLIN_OD = np.array([0.65, 0.70, 0.29], np.float32)
@@ -190,6 +194,12 @@ class PhantomRenderer:
             if u < p_fat:
                 sprite = sp.droplet((7 + (14 + 2 * s.label) * v) * um)
                 phantom.stamp(fat, y0, sprite, cy, cx)
+        # microvesicular fat: small droplets (1-3 um) in hepatocytes, denser with the grade
+        my, mx, mu, mv = phantom.jittered_points(y0, y1, w, 9 * um, s.seed * 31 + 10, 4 * um)
+        p_micro = MICRO_FAT_PROBABILITY[min(max(s.label, 0), 3)]
+        for cy, cx, u, v in zip(my, mx, mu, mv):
+            if u < p_micro:
+                phantom.stamp(fat, y0, sp.droplet((1.2 + 1.8 * v) * um), cy, cx)
         # hepatocyte nuclei: one per ~24 um cell (some binucleate)
         ny_, nx_, nu, nv = phantom.jittered_points(y0, y1, w, 24 * um, s.seed * 31 + 6, 6 * um)
         k = len(sp.nuclei_shape)

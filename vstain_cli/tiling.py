@@ -334,6 +334,8 @@ def tile(
                 progress.warn(f"{op.pair.he}: {r.skipped}; slide skipped")
             results.append(r)
             progress.advance("slides")
+        if all(r.resumed for r in results) and (out / "dataset.json").exists() and (out / "index.csv").exists():
+            return TileSummary(out, results, channels)  # complete already: keep its record (and fingerprint)
         norm = af_normalization(out, results, channels)
         meta = {
             "format": ds.FORMAT,

@@ -42,13 +42,16 @@ def main(
 
 
 def _register() -> None:
-    from vstain_cli.cli import score, stain, synth, tile, train
+    from vstain_cli.cli import calibrate, demo, score, stain, synth, tile, train, uncertainty
 
     app.command("synth", no_args_is_help=True)(synth.synth)
     app.command("tile", no_args_is_help=True)(tile.tile)
     app.command("train", no_args_is_help=True)(train.train)
+    app.command("calibrate", no_args_is_help=True)(calibrate.calibrate)
     app.command("stain", no_args_is_help=True)(stain.stain)
+    app.command("uncertainty", no_args_is_help=True)(uncertainty.uncertainty)
     app.command("score", no_args_is_help=True)(score.score)
+    app.command("demo")(demo.demo)
 
 
 _register()

@@ -10,7 +10,7 @@ import typer
 from vstain_cli.cli.common import RichProgress, console, handles_errors, out
 
 
-def _print_table(results: dict) -> None:
+def print_score_table(results: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -70,7 +70,7 @@ def score(
     )
     with RichProgress() as prog:
         result = evaluate(options, prog)
-    _print_table(result.results)
+    print_score_table(result.results)
     for msg in result.notes:
         console.print(f"[dim]{msg}[/]", highlight=False)
     console.print(f"wrote {result.paths['score.json']}, {result.paths['report.html']}", highlight=False)

@@ -18,7 +18,7 @@ def stain(
     sampler: str = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpmpp-2m (diffusion runs)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: ddpm T, ddim 50, dpmpp-2m 20)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per network call."),
-    overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in px (default: a quarter window)."),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in px (default: a quarter window for diffusion, half for regression/pix2pix)."),
     region: int = typer.Option(1024, "--region", help="Streaming region size in px (bounds memory)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     seed: int = typer.Option(0, "--seed", help="Seed: same seed, same slide."),

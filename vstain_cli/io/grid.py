@@ -44,10 +44,11 @@ def tissue_mask_he(
 
 def tissue_mask_af(
     thumb: np.ndarray, min_ratio: float = 1.5, min_object_px: int = 16, close_radius: int = 2,
-    full_scale: float | None = None,
+    full_scale: float | None = None, channels: int | None = None,
 ) -> np.ndarray:
     """Tissue mask of an AF thumbnail (h, w, C): total intensity above background.
 
+    ``thumb`` may also be the channel sum (h, w, 1) with ``channels`` given.
     Glass has little autofluorescence; tissue is brighter. With contrast in the
     view (98th percentile >= ``min_ratio`` x 2nd percentile) the threshold is
     Otsu on log intensity, at least ``min_ratio`` x background. A view without
@@ -61,7 +62,7 @@ def tissue_mask_af(
     if foreground < background * min_ratio:
         if full_scale is None:
             full_scale = float(np.iinfo(thumb.dtype).max) if np.issubdtype(thumb.dtype, np.integer) else 0.0
-        level = float(total.mean()) / max(thumb.shape[2], 1)
+        level = float(total.mean()) / max(channels or thumb.shape[2], 1)
         return np.full(total.shape, level > 0.01 * full_scale, bool)
     log_total = np.log(np.maximum(total, 1e-6))
     thr = _otsu_or_floor(log_total.ravel(), float(np.log(background * min_ratio)))

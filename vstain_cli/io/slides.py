@@ -163,8 +163,8 @@ class TiffSlide:
             return readers[0].read(x, y, w, h)
         return np.concatenate([r.read(x, y, w, h) for r in readers], axis=2)
 
-    def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
-        return _thumbnail(self, max_size)
+    def thumbnail(self, max_size: int, channel_sum: bool = False) -> tuple[np.ndarray, float]:
+        return _thumbnail(self, max_size, channel_sum)
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
@@ -278,10 +278,12 @@ def _check_file(path: Path) -> None:
         raise InputError("file is not readable (permission denied)", path)
 
 
-def _thumbnail(slide: SlideReader, max_size: int) -> tuple[np.ndarray, float]:
+def _thumbnail(slide: SlideReader, max_size: int, channel_sum: bool = False) -> tuple[np.ndarray, float]:
     """Block-mean thumbnail from the smallest level that is still >= the target size.
 
     Streams by row bands so memory stays bounded for level-0-only slides.
+    ``channel_sum`` returns the sum over channels (h, w, 1) float32: what a
+    tissue mask of a 26-channel AF slide needs, at 1/26 of the memory.
     """
     target = max(slide.width, slide.height) / max_size
     factor = max(1, math.ceil(target))
@@ -294,12 +296,16 @@ def _thumbnail(slide: SlideReader, max_size: int) -> tuple[np.ndarray, float]:
     lds = slide.width / lw
     k = max(1, int(round(factor / lds)))  # block size at that level
     ow, oh = lw // k, lh // k
-    out = np.empty((oh, ow, slide.channels), np.float32)
+    out = np.empty((oh, ow, 1 if channel_sum else slide.channels), np.float32)
     band = max(k, (2048 // k) * k)
     for y in range(0, oh * k, band):
         hh = min(band, oh * k - y)
         region = slide.read_region(0, y, ow * k, hh, level=best).astype(np.float32)
+        if channel_sum:
+            region = region.sum(axis=2, keepdims=True)
         out[y // k : (y + hh) // k] = region.reshape(hh // k, k, ow, k, -1).mean(axis=(1, 3))
+    if channel_sum:
+        return out, float(lds * k)
     if np.issubdtype(slide.dtype, np.integer):
         out = np.rint(out).astype(slide.dtype)
     return out, float(lds * k)
