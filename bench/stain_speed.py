@@ -90,7 +90,7 @@ def main() -> None:
         print(f"  total {total:.1f} s, {tiles / total:.2f} tiles/s of slide area, "
               f"{windows} window evaluations ({res.stats.regions_background} of {res.stats.regions} regions background)")
         print(f"  pure network time for the same windows {pure:.1f} s -> overhead ratio {total / pure:.3f}")
-        for name, img in (("joint (overlap 32)", joint_img), ("naive independent tiles", naive_img)):
+        for name, img in ((f"joint (overlap {run.tile_size // 4})", joint_img), ("naive independent tiles", naive_img)):
             ys, xs = np.nonzero(core)
             y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
             crop = img[y0:y1, x0:x1]
