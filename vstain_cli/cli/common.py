@@ -57,7 +57,7 @@ def handles_errors(fn: F) -> F:
                 raise
             fail(str(e), 2)
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: finished work is kept; rerun to resume")
+            console.print("[yellow]interrupted[/]: nothing half-written is left; tile, train and demo resume when rerun")
             raise typer.Exit(130)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
