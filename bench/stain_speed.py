@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     from vstain_cli.runs import load_run
-    from vstain_cli.stain import RegionSampler, SlideMask, StainOptions, make_plan, stain_slide
+    from vstain_cli.stain import SlideMask, StainOptions, stain_slide
     from vstain_cli.stitch import seam_ratio
     from vstain_cli.synth import synth
 

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def phantom_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synth(out, slides=6, size=(512, 640), channels=5, mpp=0.5, seed=1)
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> "subprocess.CompletedProcess[str]":
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> Any:
     """Run ``python -m vstain_cli ARGS`` as a real subprocess."""
     import subprocess
     import sys

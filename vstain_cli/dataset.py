@@ -15,7 +15,6 @@ are the patch's top-left corner in level-0 pixels of the slide.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from vstain_cli.errors import InputError
+from vstain_cli.provenance import read_format_json
 
 FORMAT = "vstain-dataset"
 FORMAT_VERSION = 1
@@ -118,14 +118,9 @@ def open_dataset(root: str | Path) -> DatasetInfo:
     meta_path = root / "dataset.json"
     if not root.is_dir():
         raise InputError("dataset folder not found (make one with `vstain tile`)", root)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise InputError("not a vstain dataset (no dataset.json; make one with `vstain tile`)", root) from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"corrupt dataset.json ({e})", meta_path) from None
-    if meta.get("format") != FORMAT:
-        raise InputError("not a vstain dataset.json (format field missing)", meta_path)
+    meta = read_format_json(
+        meta_path, FORMAT, missing=("not a vstain dataset (no dataset.json; make one with `vstain tile`)", root),
+        corrupt="corrupt dataset.json", wrong="not a vstain dataset.json (format field missing)")
     try:
         channels = int(meta["channels"])
         slides = {

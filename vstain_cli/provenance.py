@@ -117,3 +117,24 @@ def ensure_writable_dir(folder: str | Path) -> Path:
     except OSError as e:
         raise VstainError(f"output folder is not writable ({e.strerror or e})", folder) from None
     return folder
+
+
+def read_format_json(
+    path: str | Path, fmt: str, *, missing: tuple[str, str | Path], corrupt: str, wrong: str
+) -> dict[str, Any]:
+    """Read a vstain JSON record whose ``format`` field must be ``fmt``.
+
+    Errors are InputErrors: ``missing`` = (message, path to name) when the file
+    does not exist, ``corrupt (reason)`` when it does not parse, ``wrong`` when
+    it is not a record of this format.
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(missing[0], missing[1]) from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{corrupt} ({e})", path) from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise InputError(wrong, path)
+    return obj

@@ -8,7 +8,6 @@ data, and helpers to condition and translate AF tiles.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from vstain_cli.diffusion.prior import empty_prior
 from vstain_cli.diffusion.samplers import StepCallback, sample
 from vstain_cli.diffusion.schedule import Schedule
 from vstain_cli.errors import InputError, VstainError
+from vstain_cli.provenance import read_format_json
 from vstain_cli.nets.build import build_network
 from vstain_cli.nets.stainnet import StainNet
 from vstain_cli.objectives import make_schedule
@@ -97,15 +97,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / CONFIG
     if not path.is_dir():
         raise InputError("run folder not found (train one with `vstain train`)", path)
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise InputError("not a vstain run (no config.json)", path) from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"corrupt run config ({e})", cfg_path) from None
-    if not isinstance(cfg, dict) or cfg.get("format") != RUN_FORMAT:
-        raise InputError("not a vstain run config (format field missing)", cfg_path)
-    return cfg
+    return read_format_json(cfg_path, RUN_FORMAT, missing=("not a vstain run (no config.json)", path),
+                            corrupt="corrupt run config", wrong="not a vstain run config (format field missing)")
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from vstain_cli import stitch
-from vstain_cli.dataset import unit_to_he
 from vstain_cli.diffusion.samplers import SAMPLERS, sample
 from vstain_cli.errors import InputError
 from vstain_cli.io.grid import tissue_mask_af

@@ -19,7 +19,6 @@ works: the calibration is invariant to affine maps of targets and intervals).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 from scipy import optimize, special, stats
 
 from vstain_cli.errors import InputError
-from vstain_cli.provenance import write_json
+from vstain_cli.provenance import read_format_json, write_json
 
 FORMAT = "vstain-calibration"
 FORMAT_VERSION = 1
@@ -243,14 +242,9 @@ class Calibration:
     def from_json(cls, path: str | Path) -> Calibration:
         """Read a calibration.json; InputError (naming the file) when missing or corrupt."""
         path = Path(path)
-        try:
-            meta = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise InputError("calibration file not found (make one with `vstain calibrate`)", path) from None
-        except (OSError, ValueError) as e:
-            raise InputError(f"corrupt calibration file ({e})", path) from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise InputError("not a vstain calibration file (format field missing)", path)
+        meta = read_format_json(
+            path, FORMAT, missing=("calibration file not found (make one with `vstain calibrate`)", path),
+            corrupt="corrupt calibration file", wrong="not a vstain calibration file (format field missing)")
         try:
             cal = cls(
                 lam=float(meta["lam"]), alpha=float(meta["alpha"]), delta=float(meta["delta"]),
