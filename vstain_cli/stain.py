@@ -149,6 +149,20 @@ class RegionSampler:
         default = self.window // 4 if run.is_diffusion else self.window // 2
         self.overlap = options.overlap if options.overlap is not None else default
         self.stats = RegionStats()
+        self.progress: Progress | None = None  # set to report sampler steps within each region
+
+    def _step_callback(self, region: stitch.Region) -> Callable[[int, int, torch.Tensor], None] | None:
+        """Advance a "steps" bar per sampler step (a region can take minutes on a CPU)."""
+        progress = self.progress
+        if progress is None:
+            return None
+
+        def callback(i: int, n: int, x: torch.Tensor) -> None:
+            if i == 0:
+                progress.start("steps", f"region {region.index + 1}: sampler steps", n)
+            progress.advance("steps")
+
+        return callback
 
     def condition(self, region: stitch.Region) -> torch.Tensor:
         y0, y1, x0, x1 = region.outer
@@ -175,7 +189,8 @@ class RegionSampler:
                                           mask=m, min_tissue=self.o.min_tissue, fill=fill)
             gen = stitch.region_generator(seed, region.index, "cpu" if dev.type != "cuda" else dev)
             x0_pred = sample(model, x_T, self.run.schedule, cond, sampler=self.o.sampler, steps=self.o.steps,
-                             prediction=self.run.prediction, eta=self.o.eta, generator=gen)
+                             prediction=self.run.prediction, eta=self.o.eta, generator=gen,
+                             callback=self._step_callback(region))
             covered = torch.from_numpy(model.coverage_mask(h, w))
             self.stats.windows += model.windows_evaluated
             self.stats.net_seconds += model.net_seconds
@@ -325,6 +340,7 @@ def stain_slide(
             raise InputError("no tissue found in the AF slide (nothing to stain)", af_path)
         plan = make_plan(slide, run, options)
         sampler = RegionSampler(run, slide, mask, options)
+        sampler.progress = progress
         regions = region_stream(plan, sampler, out, progress)
         if rank != 0:
             for _ in regions:
