@@ -100,3 +100,32 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> Any:
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "vstain_cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_one_thread():
+    """One intra-op torch thread for the whole suite: on 2 shared CI cores two
+    threads per process run 3-15x slower, and results do not depend on it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def assert_one_error_line(proc: Any, *needles: str) -> None:
+    """A CLI subprocess failed on bad input: exit 2, one ``error:`` line naming ``needles``."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error:"), err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def assert_one_error_result(result: Any, needle: str) -> None:
+    """The same for a ``typer.testing.CliRunner`` result."""
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output

@@ -13,7 +13,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from vstain_cli.calibrate import CalibrateOptions, calibrate_run, spread_indices
@@ -24,11 +23,10 @@ from vstain_cli.progress import NullProgress
 from vstain_cli.training import train
 from vstain_cli.uncertainty import Calibration
 
-from conftest import make_tiny_dataset, run_cli
+from conftest import assert_one_error_result, make_tiny_dataset, run_cli
 from test_uncertainty_maps import SIGMA, oracle_run
 from train_helpers import micro
 
-torch.set_num_threads(1)
 
 
 def oracle_dataset(root, per_slide: int = 24):
@@ -108,12 +106,6 @@ def test_cli_subprocess(env, tmp_path, monkeypatch):
     assert json.loads((run / "calibration.json").read_text())["test_coverage"]["n"] == 32
 
 
-def _one_error_line(result, needle: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
-
-
 def test_cli_bad_inputs(env, tmp_path):
     runner = CliRunner()
 
@@ -121,14 +113,14 @@ def test_cli_bad_inputs(env, tmp_path):
         return runner.invoke(app, ["calibrate", "--model", str(model), "--data", str(data), "--device", "cpu",
                                    "--samples", "2", "--steps", "1", *extra])
 
-    _one_error_line(cal(env["diff"], env["ds5"]), "dataset has 5 AF channels but model")
-    _one_error_line(cal(env["reg"], env["ds"]), "deterministic")
-    _one_error_line(cal(env["diff"], env["ds"], "--samples", "1"), "--samples must be at least 2")
-    _one_error_line(cal(env["diff"], env["ds"], "--sampler", "euler"), "unknown sampler")
-    _one_error_line(cal(env["diff"], tmp_path / "nope"), "dataset folder not found")
+    assert_one_error_result(cal(env["diff"], env["ds5"]), "dataset has 5 AF channels but model")
+    assert_one_error_result(cal(env["reg"], env["ds"]), "deterministic")
+    assert_one_error_result(cal(env["diff"], env["ds"], "--samples", "1"), "--samples must be at least 2")
+    assert_one_error_result(cal(env["diff"], env["ds"], "--sampler", "euler"), "unknown sampler")
+    assert_one_error_result(cal(env["diff"], tmp_path / "nope"), "dataset folder not found")
     broken = tmp_path / "broken"
     shutil.copytree(env["diff"], broken)
     (broken / "weights.safetensors").write_bytes(b"not safetensors")
-    _one_error_line(cal(broken, env["ds"]), "weights.safetensors")
+    assert_one_error_result(cal(broken, env["ds"]), "weights.safetensors")
     (broken / "calibration.json").write_text("{}")
-    _one_error_line(cal(broken, env["ds"]), "--force")
+    assert_one_error_result(cal(broken, env["ds"]), "--force")

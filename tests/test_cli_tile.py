@@ -11,21 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, assert_one_error_line, run_cli
 from vstain_cli.io.tiff import write_pyramid
 
 
 def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    err = proc.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert err.startswith("error:"), err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +129,7 @@ def test_bad_inputs_give_one_line_and_exit_2(cli_pairs, tmp_path):
     before = _digest(src)
     for csv, needles in cases:
         proc = run_cli("tile", str(csv), "--out", str(out))
-        _one_error_line(proc, *needles)
+        assert_one_error_line(proc, *needles)
         assert not out.exists(), f"output written for {csv}"
     assert _digest(src) == before
 
@@ -166,7 +157,7 @@ def test_existing_output_resumes_or_needs_force(cli_pairs, tmp_path):
     out = tmp_path / "ds"
     assert run_cli("tile", str(cli_pairs), "--out", str(out), "--size", "64", "--stride", "64").returncode == 0
     proc = run_cli("tile", str(cli_pairs), "--out", str(out), "--size", "32", "--stride", "32")
-    _one_error_line(proc, str(out), "--force")
+    assert_one_error_line(proc, str(out), "--force")
     proc = run_cli("tile", str(cli_pairs), "--out", str(out), "--size", "32", "--stride", "32", "--force")
     assert proc.returncode == 0, proc.stderr
 
@@ -193,14 +184,14 @@ def _read_only_folder(path: Path):
 def test_read_only_output_folder(cli_pairs, tmp_path):
     with _read_only_folder(tmp_path / "ro") as ro:
         proc = run_cli("tile", str(cli_pairs), "--out", str(ro / "ds"))
-        _one_error_line(proc, str(ro / "ds"))
+        assert_one_error_line(proc, str(ro / "ds"))
         proc = run_cli("synth", str(ro), "--slides", "1", "--size", "64", "64")
-        _one_error_line(proc, str(ro), "not writable")
+        assert_one_error_line(proc, str(ro), "not writable")
 
 
 def test_synth_refuses_to_overwrite(cli_pairs):
     proc = run_cli("synth", str(cli_pairs.parent), "--slides", "1", "--size", "64", "64")
-    _one_error_line(proc, "pairs.csv", "--force")
+    assert_one_error_line(proc, "pairs.csv", "--force")
 
 
 def test_help_and_version_are_fast():

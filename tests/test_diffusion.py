@@ -12,7 +12,6 @@ from vstain_cli.diffusion.losses import diffusion_loss, pixel_loss
 from vstain_cli.diffusion.prior import empty_prior, random_rect_prior
 from vstain_cli.diffusion.schedule import Schedule, make_betas, to_x0_eps, v_target
 
-torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "cosine-beta"])

@@ -28,14 +28,6 @@ from vstain_cli.provenance import write_json
 from vstain_cli.uncertainty import Calibration
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sets")

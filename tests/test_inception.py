@@ -37,16 +37,6 @@ REFERENCE_SHAPES = {
 N_BASIC_CONV = 5 + 3 * 7 + 4 + 4 * 10 + 6 + 2 * 9  # stem, 5b-d, 6a, 6b-e, 7a, 7b-c
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: ~0.4 s per 299x299 image here, and no slowdown when the
-    two CI cores are shared (2 threads on a busy core run 3-15x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model() -> FIDInceptionV3:
     torch.manual_seed(0)

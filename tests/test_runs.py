@@ -16,7 +16,6 @@ from vstain_cli.training import train
 from conftest import make_tiny_dataset
 from train_helpers import micro
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import torch
 from vstain_cli.diffusion.samplers import sample, timesteps
 from vstain_cli.diffusion.schedule import Schedule, v_target
 
-torch.set_num_threads(1)
 SCHED = Schedule.make("cosine-beta", 1000)
 
 

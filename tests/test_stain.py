@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, run_cli
+from conftest import REPO, assert_one_error_line, run_cli
 from vstain_cli.config import load_preset
 from vstain_cli.diffusion.schedule import Schedule
 from vstain_cli.io.slides import TiffSlide
@@ -23,14 +23,6 @@ from vstain_cli.runs import Run
 from vstain_cli.stain import StainOptions, stain_slide
 
 CHANNELS = 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _af_slide(path: Path, h: int = 300, w: int = 420, seed: int = 0) -> Path:
@@ -166,40 +158,32 @@ def test_two_process_torchrun_equals_one_process(tmp_path, micro_run):
     assert not list(tmp_path.glob(".*shards*"))
 
 
-def _one_line(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    err = proc.stderr.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-
-
 def test_bad_inputs(tmp_path, micro_run):
     af = _af_slide(tmp_path / "af.tif", 200, 260)
     out = tmp_path / "out.tif"
     # channel mismatch
     wrong = tmp_path / "af6.tif"
     write_pyramid(wrong, iter([np.full((128, 128, 6), 2000, np.uint16)]), 128, 128, 6, np.uint16, compression="zlib")
-    _one_line(run_cli("stain", str(wrong), "--model", str(micro_run), "--out", str(out)), "af6.tif", "6 channels")
+    assert_one_error_line(run_cli("stain", str(wrong), "--model", str(micro_run), "--out", str(out)), "af6.tif", "6 channels")
     # missing and corrupt checkpoints
-    _one_line(run_cli("stain", str(af), "--model", str(tmp_path / "nope"), "--out", str(out)), "nope")
+    assert_one_error_line(run_cli("stain", str(af), "--model", str(tmp_path / "nope"), "--out", str(out)), "nope")
     broken = tmp_path / "broken-run"
     broken.mkdir()
     for f in micro_run.iterdir():
         if f.is_file():
             (broken / f.name).write_bytes(f.read_bytes())
     (broken / "weights.safetensors").write_bytes(b"\x00" * 64)
-    _one_line(run_cli("stain", str(af), "--model", str(broken), "--out", str(out)), "weights.safetensors")
+    assert_one_error_line(run_cli("stain", str(af), "--model", str(broken), "--out", str(out)), "weights.safetensors")
     # slide without tissue
     glass = tmp_path / "glass.tif"
     write_pyramid(glass, iter([np.full((128, 128, CHANNELS), 180, np.uint16)]), 128, 128, CHANNELS, np.uint16,
                   compression="zlib")
-    _one_line(run_cli("stain", str(glass), "--model", str(micro_run), "--out", str(out)), "glass.tif", "no tissue")
+    assert_one_error_line(run_cli("stain", str(glass), "--model", str(micro_run), "--out", str(out)), "glass.tif", "no tissue")
     # unknown sampler, output == input, existing output
-    _one_line(run_cli("stain", str(af), "--model", str(micro_run), "--out", str(out), "--sampler", "euler"),
+    assert_one_error_line(run_cli("stain", str(af), "--model", str(micro_run), "--out", str(out), "--sampler", "euler"),
               "unknown sampler")
-    _one_line(run_cli("stain", str(af), "--model", str(micro_run), "--out", str(af)), "is the input")
+    assert_one_error_line(run_cli("stain", str(af), "--model", str(micro_run), "--out", str(af)), "is the input")
     out.write_bytes(b"x")
-    _one_line(run_cli("stain", str(af), "--model", str(micro_run), "--out", str(out)), "--force")
+    assert_one_error_line(run_cli("stain", str(af), "--model", str(micro_run), "--out", str(out)), "--force")
     assert out.read_bytes() == b"x"
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]

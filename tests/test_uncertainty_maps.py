@@ -38,7 +38,7 @@ from vstain_cli.uncertainty_maps import (
     uncertainty_slide,
 )
 
-from conftest import make_tiny_dataset, run_cli
+from conftest import assert_one_error_result, make_tiny_dataset, run_cli
 from train_helpers import micro
 
 torch.set_num_threads(1)
@@ -231,12 +231,6 @@ def test_cli_subprocess(env, tmp_path, monkeypatch):
     assert openslide.OpenSlide(out / "mean.tif").level_count == 2
 
 
-def _one_error_line(result, needle: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
-
-
 def test_cli_bad_inputs(env, tmp_path):
     runner = CliRunner()
     base = ["--device", "cpu", "--steps", "1", "--samples", "2"]
@@ -244,23 +238,23 @@ def test_cli_bad_inputs(env, tmp_path):
     def unc(af, model, out, *extra):
         return runner.invoke(app, ["uncertainty", str(af), "--model", str(model), "--out", str(out), *base, *extra])
 
-    _one_error_line(unc(env["af5"], env["diff"], tmp_path / "o"), "AF has 5 channels but model")
-    _one_error_line(unc(env["af"], env["reg"], tmp_path / "o"), "deterministic")
+    assert_one_error_result(unc(env["af5"], env["diff"], tmp_path / "o"), "AF has 5 channels but model")
+    assert_one_error_result(unc(env["af"], env["reg"], tmp_path / "o"), "deterministic")
     nowts = tmp_path / "nowts"
     shutil.copytree(env["diff"], nowts)
     (nowts / "weights.safetensors").unlink()
-    _one_error_line(unc(env["af"], nowts, tmp_path / "o"), "weights.safetensors")
+    assert_one_error_result(unc(env["af"], nowts, tmp_path / "o"), "weights.safetensors")
     (nowts / "weights.safetensors").write_bytes(b"garbage, not safetensors")
-    _one_error_line(unc(env["af"], nowts, tmp_path / "o"), "weights.safetensors")
-    _one_error_line(unc(env["glass"], env["diff"], tmp_path / "o"), "no tissue")
+    assert_one_error_result(unc(env["af"], nowts, tmp_path / "o"), "weights.safetensors")
+    assert_one_error_result(unc(env["glass"], env["diff"], tmp_path / "o"), "no tissue")
     (tmp_path / "exists").mkdir()
-    _one_error_line(unc(env["af"], env["diff"], tmp_path / "exists"), "--force")
-    _one_error_line(unc(env["af"], env["diff"], env["af"]), "output path is the input")
-    _one_error_line(unc(env["af"], env["diff"], tmp_path / "o", "--samples", "1"), "--samples must be at least 2")
-    _one_error_line(unc(env["af"], env["diff"], tmp_path / "o", "--sampler", "euler"), "unknown sampler")
+    assert_one_error_result(unc(env["af"], env["diff"], tmp_path / "exists"), "--force")
+    assert_one_error_result(unc(env["af"], env["diff"], env["af"]), "output path is the input")
+    assert_one_error_result(unc(env["af"], env["diff"], tmp_path / "o", "--samples", "1"), "--samples must be at least 2")
+    assert_one_error_result(unc(env["af"], env["diff"], tmp_path / "o", "--sampler", "euler"), "unknown sampler")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    _one_error_line(unc(env["af"], env["diff"], tmp_path / "o", "--calibration", str(bad)), "corrupt calibration")
+    assert_one_error_result(unc(env["af"], env["diff"], tmp_path / "o", "--calibration", str(bad)), "corrupt calibration")
     bad.write_text(json.dumps({"format": "vstain-calibration", "lam": "x"}))
-    _one_error_line(unc(env["af"], env["diff"], tmp_path / "o", "--calibration", str(bad)), "corrupt calibration")
+    assert_one_error_result(unc(env["af"], env["diff"], tmp_path / "o", "--calibration", str(bad)), "corrupt calibration")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))
