@@ -62,6 +62,7 @@ class SlideResult:
     xy: list[list[int]] = field(repr=False)
     skipped: str | None = None
     resumed: bool = False
+    sources: dict[str, Any] = field(default_factory=dict, repr=False)  # af/he fingerprints
 
 
 @dataclass
@@ -235,7 +236,7 @@ def _tile_slide(
             done = json.loads(meta_file.read_text())
             if done.get("complete"):
                 return SlideResult(p.slide_id, p.label, split, int(done["patches"]), done["tissue_fraction"],
-                                   done["xy"], resumed=True)
+                                   done["xy"], resumed=True, sources={"af": done["af"], "he": done["he"]})
         except (ValueError, KeyError):
             pass
         shutil.rmtree(final, ignore_errors=True)
@@ -264,11 +265,12 @@ def _tile_slide(
         result = SlideResult(
             p.slide_id, p.label, split, n, [round(q.tissue_fraction, 4) for q in patches],
             [[q.x, q.y] for q in patches], skipped=None if n else "no tissue found",
+            sources={"af": fingerprint(p.af), "he": fingerprint(p.he)},
         )
         info = {"complete": True, "slide_id": p.slide_id, "label": p.label, "split": split, "patches": n,
                 "mask_downsample": downsample, "tissue_area_fraction": float(mask.mean()),
                 "tissue_fraction": result.tissue_fraction, "xy": result.xy,
-                "af": fingerprint(p.af), "he": fingerprint(p.he), "mpp": op.af.mpp or op.he.mpp}
+                **result.sources, "mpp": op.af.mpp or op.he.mpp}
         (tmp / "slide.json").write_text(json.dumps(info))
         os.replace(tmp, final)
     except BaseException:
@@ -350,7 +352,7 @@ def tile(
             "af_normalization": norm,
             "slides": {
                 r.slide_id: {"label": r.label, "split": r.split, "patches": r.patches,
-                             "af": fingerprint(op.pair.af), "he": fingerprint(op.pair.he),
+                             **r.sources,
                              "mpp": op.af.mpp or op.he.mpp, **({"skipped": r.skipped} if r.skipped else {})}
                 for r, op in zip(results, opened)
             },
