@@ -34,10 +34,10 @@ def quick_run(folder, channels: int = 26, preset: str = "tiny-diffusion", steps:
     """A real run folder trained for ``steps`` steps on a small phantom dataset (for timing)."""
     from pathlib import Path
 
-    from vstain_cli.config import load_preset
-    from vstain_cli.synth import synth
-    from vstain_cli.tiling import TileOptions, tile
-    from vstain_cli.training import train
+    from vstain_cli.data.synth.render import synth
+    from vstain_cli.data.tiling import TileOptions, tile
+    from vstain_cli.train.loop import train
+    from vstain_cli.train.presets import load_preset
 
     folder = Path(folder)
     pairs = synth(folder / "phantom", slides=3, size=(512, 512), channels=channels, seed=11)

@@ -4,7 +4,7 @@ Usage: python bench/gpu_train.py [--preset diffusion-l] [--batch-size 16] [--til
        [--channels 26] [--steps 20] [--warmup 5] [--peak-tflops T] [--no-compile]
        [--cpu-dry-run]
 
-Times the real training step (objectives.py: loss, backward, clip, AdamW, EMA)
+Times the real training step (train/objectives.py: loss, backward, clip, AdamW, EMA)
 of one preset on a synthetic batch in three set-ups, in the same process:
 
   1. fp32 eager (TF32 off: the plain-fp32 baseline),
@@ -28,10 +28,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vstain_cli.config import load_preset
-from vstain_cli.nets.build import count_parameters
-from vstain_cli.objectives import build_objective
-from vstain_cli.precision import Amp
+from vstain_cli.train.networks import count_parameters
+from vstain_cli.train.objectives import build_objective
+from vstain_cli.train.precision import Amp
+from vstain_cli.train.presets import load_preset
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {

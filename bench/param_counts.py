@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from vstain_cli.config import list_presets, load_preset
-from vstain_cli.nets.build import build_discriminators, build_network, cond_channels, count_parameters
+from vstain_cli.train.networks import build_discriminators, build_network, cond_channels, count_parameters
+from vstain_cli.train.presets import list_presets, load_preset
 
 
 def rows(channels: int) -> list[tuple[str, str, str, str, str]]:

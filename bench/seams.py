@@ -1,8 +1,8 @@
-"""Seams and overhead of joint canvas denoising (vstain_cli.stitch) vs independent tiles.
+"""Seams and overhead of joint canvas denoising (vstain_cli.infer.stitch) vs independent tiles.
 
     python bench/seams.py [--size 512] [--window 128] [--overlap 32] [--steps 20]
 
-1. Seam ratio (DESIGN.md §4) on a size x size canvas, tile period = window, for:
+1. Seam ratio (docs/stitching.md) on a size x size canvas, tile period = window, for:
    independent tiles (each its own noise), tiles on one shared noise canvas
    (overlap 0), joint MultiDiffusion denoising (overlap > 0), and joint denoising
    streamed in regions with counter-based noise. The model is the exact denoiser of
@@ -26,7 +26,7 @@ import torch
 
 from vstain_cli.diffusion.samplers import sample
 from vstain_cli.diffusion.schedule import Schedule
-from vstain_cli.stitch import (
+from vstain_cli.infer.stitch import (
     CanvasDenoiser,
     noise_canvas,
     region_plan,

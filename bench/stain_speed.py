@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _util import peak_rss_mib_of, quick_run
 
 
@@ -44,10 +43,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    from vstain_cli.runs import load_run
-    from vstain_cli.stain import SlideMask, StainOptions, stain_slide
-    from vstain_cli.stitch import seam_ratio
-    from vstain_cli.synth import synth
+    from vstain_cli.data.synth.render import synth
+    from vstain_cli.infer.run import load_run
+    from vstain_cli.infer.stain import StainOptions, stain_slide
+    from vstain_cli.infer.stitch import seam_ratio
+    from vstain_cli.io.masks import SlideMask
 
     tmp = Path(tempfile.mkdtemp(prefix="vstain-bench-"))
     try:
@@ -98,7 +98,7 @@ def main() -> None:
 
         for size in (args.size, 2 * args.size):
             p = synth(tmp / f"m{size}", slides=1, size=(size, size), channels=run.channels, seed=6)
-            code = (f"from vstain_cli.stain import stain_slide, StainOptions; "
+            code = (f"from vstain_cli.infer.stain import stain_slide, StainOptions; "
                     f"stain_slide({str(p.parent / 'phantom-000.af.ome.tif')!r}, {str(model)!r}, "
                     f"{str(tmp / f'rss{size}.tif')!r}, StainOptions(steps=1, region=256, device='cpu'))")
             print(f"  peak RSS, {size}^2 slide, 256 px regions   {peak_rss_mib_of(code):8.0f} MiB")

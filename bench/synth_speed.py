@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _util import peak_rss_mib_of
 
 
@@ -28,7 +27,7 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=26)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    from vstain_cli.synth import synth
+    from vstain_cli.data.synth.render import synth
 
     tmp = Path(tempfile.mkdtemp(prefix="vstain-bench-"))
     try:
@@ -51,7 +50,7 @@ def main() -> None:
         print(f"  ratio synth / baseline       {synth_rate / base_rate:8.2f}")
 
         for size in (args.size // 2, args.size):
-            code = (f"from vstain_cli.synth import synth; synth({str(tmp / f'm{size}')!r}, slides=1, "
+            code = (f"from vstain_cli.data.synth.render import synth; synth({str(tmp / f'm{size}')!r}, slides=1, "
                     f"size=({size}, {size}), channels={args.channels}, workers={args.workers})")
             print(f"  peak RSS, one {size}^2 slide     {peak_rss_mib_of(code):8.0f} MiB")
     finally:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import tifffile
 
-from vstain_cli.dataset import read_index
-from vstain_cli.manifest import read_pairs
+from vstain_cli.data.manifest import read_pairs
+from vstain_cli.data.store import read_index
 
 
 def raw_read(pairs_csv: Path, index: list[dict], size: int) -> float:
@@ -55,8 +55,8 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=26)
     ap.add_argument("--pairs", type=Path, help="use these slide pairs instead of making phantoms")
     args = ap.parse_args()
-    from vstain_cli.synth import synth
-    from vstain_cli.tiling import TileOptions, tile
+    from vstain_cli.data.synth.render import synth
+    from vstain_cli.data.tiling import TileOptions, tile
 
     tmp = Path(tempfile.mkdtemp(prefix="vstain-bench-"))
     try:

@@ -3,7 +3,7 @@
 Usage: python bench/train_throughput.py [--presets diffusion-b ...] [--batch-size 2]
        [--steps 3] [--tile 128] [--channels 26] [--threads N]
 
-Runs the real training step of each preset (objectives.py: loss, backward, clip,
+Runs the real training step of each preset (train/objectives.py: loss, backward, clip,
 AdamW, EMA) on a synthetic batch, fp32 on the CPU, after one warm-up step.
 """
 
@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from vstain_cli.config import load_preset
-from vstain_cli.nets.build import count_parameters
-from vstain_cli.objectives import build_objective
-from vstain_cli.precision import Amp
+from vstain_cli.train.networks import count_parameters
+from vstain_cli.train.objectives import build_objective
+from vstain_cli.train.precision import Amp
+from vstain_cli.train.presets import load_preset
 
 PAPER = ["diffusion-b", "diffusion-l", "diffusion-br", "regression", "pix2pix", "stainnet"]
 

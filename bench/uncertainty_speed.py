@@ -1,4 +1,4 @@
-"""Speed and memory of ``vstain uncertainty`` (vstain_cli.uncertainty_maps) vs slide size.
+"""Speed and memory of ``vstain uncertainty`` (vstain_cli.uq.maps) vs slide size.
 
     python bench/uncertainty_speed.py [--size 2048] [--samples 2] [--steps 1] [--region 512] [--device cpu]
 
@@ -10,8 +10,8 @@ same width). Prints seconds per sample per tissue megapixel and the mapping
 process's peak RSS with its ratio to the small slide's. Memory is the N samples
 of one region (N x (region + window)^2 x 12 B, independent of the slide), the
 blender's float32 rows (about one region row x slide width x 10 channels x 4 B,
-with transient copies: grows with the width, DESIGN.md §2), thumbnails capped at
-1024 px, and the AF tissue-mask thumbnail of ``stain.SlideMask`` (8 px per window
+with transient copies: grows with the width, docs/architecture.md), thumbnails capped at
+1024 px, and the AF tissue-mask thumbnail of ``io.masks.SlideMask`` (8 px per window
 along the long side, all AF channels: grows with the area / (window / 8)^2).
 """
 
@@ -29,12 +29,11 @@ import json, resource, sys, time
 from pathlib import Path
 import numpy as np, torch
 torch.set_num_threads(1)
-from vstain_cli.config import Preset, load_preset
+from vstain_cli.train.presets import Preset, load_preset
 from vstain_cli.io.tiff import write_pyramid
-from vstain_cli.nets.build import build_network
-from vstain_cli.objectives import make_schedule
-from vstain_cli.runs import Run
-from vstain_cli.uncertainty_maps import UncertaintyOptions, uncertainty_slide
+from vstain_cli.train.networks import build_network
+from vstain_cli.infer.run import Run
+from vstain_cli.uq.maps import UncertaintyOptions, uncertainty_slide
 
 mode, height, width, samples, steps, region, device, root = sys.argv[1:9]
 height, width, samples, steps, region = int(height), int(width), int(samples), int(steps), int(region)
@@ -49,7 +48,7 @@ run_dir.mkdir(exist_ok=True)
 (run_dir / "config.json").write_text("{}")
 net = build_network(preset, C).to(device).eval().requires_grad_(False)
 run = Run(path=run_dir, config={}, preset=preset, kind="diffusion", channels=C, tile_size=tile, step=0,
-          device=torch.device(device), model=net, schedule=make_schedule(preset), prediction="eps",
+          device=torch.device(device), model=net, schedule=preset.diffusion.build_schedule(), prediction="eps",
           af_low=np.full(C, 900, np.float32), af_high=np.full(C, 5000, np.float32))
 name = f"{height}x{width}"
 af_path = root / f"af{name}.tif"

@@ -26,7 +26,7 @@ def make_tiny_dataset(
     slides: dict[str, tuple[int, str]] | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write a dataset in the exact format of ``vstain tile`` (see vstain_cli.dataset).
+    """Write a dataset in the exact format of ``vstain tile`` (see vstain_cli.data.store).
 
     AF is a deterministic function of the H&E content plus noise, so models can
     learn something. ``slides`` maps slide_id -> (label, split).
@@ -86,7 +86,7 @@ def tiny_dataset(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def phantom_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six small phantom slide pairs (512x640, 5 AF channels) and their pairs.csv."""
-    from vstain_cli.synth import synth
+    from vstain_cli.data.synth.render import synth
 
     out = tmp_path_factory.mktemp("phantom")
     return synth(out, slides=6, size=(512, 640), channels=5, mpp=0.5, seed=1)

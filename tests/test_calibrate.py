@@ -13,20 +13,19 @@ import shutil
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-from vstain_cli.calibrate import CalibrateOptions, calibrate_run, spread_indices
-from vstain_cli.cli.main import app
-from vstain_cli.dataset import normalize_af, open_dataset, unit_to_he
-from vstain_cli.errors import InputError, OutputExistsError
-from vstain_cli.progress import NullProgress
-from vstain_cli.training import train
-from vstain_cli.uncertainty import Calibration
-
 from conftest import assert_one_error_result, make_tiny_dataset, run_cli
 from test_uncertainty_maps import SIGMA, oracle_run
 from train_helpers import micro
+from typer.testing import CliRunner
 
+from vstain_cli.cli.main import app
+from vstain_cli.data.loader import spread_indices
+from vstain_cli.data.store import normalize_af, open_dataset, unit_to_he
+from vstain_cli.errors import InputError, OutputExistsError
+from vstain_cli.progress import NullProgress
+from vstain_cli.train.loop import train
+from vstain_cli.uq.calibrate import CalibrateOptions, calibrate_run
+from vstain_cli.uq.intervals import Calibration
 
 
 def oracle_dataset(root, per_slide: int = 24):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from vstain_cli.dataset import he_to_unit, normalize_af, open_dataset, unit_to_he
+from vstain_cli.data.store import he_to_unit, normalize_af, open_dataset, unit_to_he
 from vstain_cli.errors import InputError
 
 

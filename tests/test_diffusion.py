@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from vstain_cli.diffusion.denoiser import Denoiser, to_x0_eps, training_target
 from vstain_cli.diffusion.losses import diffusion_loss, pixel_loss
 from vstain_cli.diffusion.prior import empty_prior, random_rect_prior
-from vstain_cli.diffusion.schedule import Schedule, make_betas, to_x0_eps, v_target
-
+from vstain_cli.diffusion.schedule import Schedule, make_betas
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "cosine-beta"])
@@ -49,19 +49,19 @@ def test_q_sample_statistics():
     assert float(xt.std()) == pytest.approx(math.sqrt(1 - a), abs=0.03)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_prediction_conversions_round_trip(prediction):
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
     abar = torch.tensor([0.9, 0.5, 0.01]).reshape(3, 1, 1, 1)
     xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-    pred = eps if prediction == "eps" else v_target(x0, eps, abar)
+    pred = training_target(x0, eps, abar, prediction)
     x0_hat, eps_hat = to_x0_eps(pred, xt, abar, prediction)
     torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(eps_hat, eps, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_diffusion_loss_zero_for_oracle_and_deterministic(prediction):
     s = Schedule.make("cosine-beta", 1000)
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
@@ -69,9 +69,9 @@ def test_diffusion_loss_zero_for_oracle_and_deterministic(prediction):
     def oracle(x_t, t, cond):  # recovers the target exactly from x_t and the known x0
         a = s.abar(t.long(), x_t)
         eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
-        return eps if prediction == "eps" else v_target(x0, eps, a)
+        return training_target(x0, eps, a, prediction)
 
-    loss = diffusion_loss(oracle, x0, None, s, prediction=prediction, generator=torch.Generator().manual_seed(3))
+    loss = diffusion_loss(Denoiser(oracle, prediction), x0, None, s, generator=torch.Generator().manual_seed(3))
     assert float(loss) < 1e-8
     zero = lambda x_t, t, c: torch.zeros_like(x_t)  # noqa: E731
     l1 = diffusion_loss(zero, x0, None, s, generator=torch.Generator().manual_seed(3))

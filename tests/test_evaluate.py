@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from test_metrics import he_like_tiles
 from test_scoring import write_pngs
-from vstain_cli import uncertainty
+
 from vstain_cli.errors import InputError, OutputExistsError
-from vstain_cli.evaluate import (
+from vstain_cli.provenance import write_json
+from vstain_cli.score.pipeline import (
     NO_CALIBRATION,
     EvaluateOptions,
     draw_samples,
@@ -24,8 +24,8 @@ from vstain_cli.evaluate import (
     grid_pick,
     interval_panel,
 )
-from vstain_cli.provenance import write_json
-from vstain_cli.uncertainty import Calibration
+from vstain_cli.uq import intervals as uncertainty
+from vstain_cli.uq.intervals import Calibration
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def diff_run(tmp_path_factory) -> Path:
     from conftest import make_tiny_dataset
     from train_helpers import micro
 
-    from vstain_cli.training import train
+    from vstain_cli.train.loop import train
 
     root = tmp_path_factory.mktemp("evaluate")
     data = make_tiny_dataset(root / "dataset")
@@ -110,7 +110,7 @@ def test_bad_options_raise_before_writing(sets, tmp_path, monkeypatch, kwargs, m
 
 
 def test_core_imports_neither_typer_nor_rich():
-    code = ("import sys, vstain_cli.evaluate, vstain_cli.report, vstain_cli.scoring; "
+    code = ("import sys, vstain_cli.score.pipeline, vstain_cli.score.report, vstain_cli.score.scoring; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'typer', 'rich'}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -138,9 +138,9 @@ def test_interval_panel_coverage_follows_lambda():
 
 
 def test_uncertainty_panel_for_calibrated_diffusion_run(diff_run, tmp_path):
-    from vstain_cli import runs
-    from vstain_cli.dataset import he_to_unit
-    from vstain_cli.scoring import load_images
+    from vstain_cli.data.store import he_to_unit
+    from vstain_cli.infer.run import load_run
+    from vstain_cli.score.scoring import load_images
 
     run_dir = _calibrated(diff_run, "calibrated")
     opts = EvaluateOptions(data=diff_run / "dataset", models=[run_dir], names=["B"], steps=2, seed=3, n_boot=50,
@@ -158,7 +158,7 @@ def test_uncertainty_panel_for_calibrated_diffusion_run(diff_run, tmp_path):
     assert u["tiles"] == [res.results["tiles"][i] for i in grid_pick(len(res.results["tiles"]), 4, 3)[:2]]
     real = load_images(diff_run / "dataset", "test")
     rows = [real.names.index(t) for t in u["tiles"]]
-    run = runs.load_run(run_dir, "cpu")
+    run = load_run(run_dir, "cpu")
     samples = draw_samples(run, real.af(rows), 4, steps=2, seed=3)
     iv = uncertainty.credible_interval(samples, 1.32)
     assert u["coverage"] == pytest.approx(uncertainty.coverage(he_to_unit(real.images[rows]), iv.lower, iv.upper))

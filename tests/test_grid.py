@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_SVS
+
 from vstain_cli.io.grid import patch_grid, tissue_mask_af, tissue_mask_he
 from vstain_cli.io.slides import open_he
 

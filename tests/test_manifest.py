@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
+from vstain_cli.data.manifest import SlidePair, assign_splits, read_pairs
 from vstain_cli.errors import InputError
-from vstain_cli.manifest import SlidePair, assign_splits, read_pairs
 
 
 def _csv(tmp_path, text: str):

@@ -1,4 +1,4 @@
-"""Fréchet distance, distortion metrics and bootstrap intervals (vstain_cli.metrics)."""
+"""Fréchet distance, distortion metrics and bootstrap intervals (vstain_cli.score.metrics)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 from scipy import ndimage
 
-from vstain_cli import metrics
+from vstain_cli.score import metrics
 
 
 def he_like_tiles(n: int, size: int = 64, seed: int = 0) -> np.ndarray:

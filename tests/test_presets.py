@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
-from vstain_cli.config import Preset, list_presets, load_preset
-from vstain_cli.errors import InputError
-from vstain_cli.nets.build import build_discriminators, build_network, cond_channels, count_parameters
-
 from train_helpers import micro_dict, write_preset
+
+from vstain_cli.errors import InputError
+from vstain_cli.train.networks import build_discriminators, build_network, cond_channels, count_parameters
+from vstain_cli.train.presets import Preset, list_presets, load_preset
 
 PAPER = ["diffusion-b", "diffusion-l", "diffusion-br", "regression", "pix2pix", "stainnet"]
 TINY = ["tiny-diffusion", "tiny-diffusion-l", "tiny-diffusion-br", "tiny-regression", "tiny-pix2pix", "tiny-stainnet"]

@@ -8,14 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from vstain_cli.errors import InputError, VstainError
-from vstain_cli.runs import load_run
-from vstain_cli.training import train
-
 from conftest import make_tiny_dataset
 from train_helpers import micro
 
+from vstain_cli.errors import InputError, VstainError
+from vstain_cli.infer.run import load_run
+from vstain_cli.train.loop import train
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,28 @@
-"""Samplers: oracle recovery, determinism, DDIM/DDPM relations, DPM-Solver++."""
+"""Samplers: oracle recovery, determinism, DDIM/DDPM relations, DPM-Solver++.
+
+Registry-wide properties are parametrised over ``SAMPLERS``: a new sampler is tested by registering it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vstain_cli.diffusion.samplers import sample, timesteps
-from vstain_cli.diffusion.schedule import Schedule, v_target
+from vstain_cli.diffusion.denoiser import Denoiser, training_target
+from vstain_cli.diffusion.samplers import SAMPLERS, default_steps, sample, timesteps
+from vstain_cli.diffusion.schedule import Schedule
 
 SCHED = Schedule.make("cosine-beta", 1000)
 
 
 def oracle_for(x0: torch.Tensor, prediction: str = "eps"):
-    """A model returning the true eps (or v) of x_t for a known x0."""
+    """A denoiser whose network returns the true eps, v or x0 of x_t for a known x0."""
 
     def model(x_t, t, cond):
         a = SCHED.abar(t.long(), x_t)
         eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
-        return eps if prediction == "eps" else v_target(x0, eps, a)
+        return training_target(x0, eps, a, prediction)
 
-    return model
+    return Denoiser(model, prediction)
 
 
 def toy_model(x_t, t, cond):
@@ -41,20 +44,31 @@ def test_timesteps_trailing():
         timesteps(1000, 0)
 
 
-@pytest.mark.parametrize(
-    "sampler,steps,prediction",
-    [("ddim", 20, "eps"), ("ddim", 1000, "eps"), ("dpmpp-2m", 10, "eps"), ("ddpm", 50, "eps"),
-     ("ddpm", 1000, "eps"), ("ddim", 10, "v"), ("dpmpp-2m", 10, "v")],
-)
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("steps", [10, 1000])
 def test_oracle_recovers_x0(sampler, steps, prediction):
     x0 = x0_target()
     x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     out = sample(oracle_for(x0, prediction), x_T, SCHED, None, sampler=sampler, steps=steps,
-                 prediction=prediction, generator=torch.Generator().manual_seed(1))
+                 generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_registry_defaults_and_one_signature(sampler):
+    spec = SAMPLERS[sampler]
+    assert 1 <= default_steps(sampler, 1000) <= 1000 and spec.summary
+    seen = []
+    x_T = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = spec.fn(Denoiser(toy_model), x_T, Schedule.make("linear", 100), torch.zeros(1, 1, 4, 4), steps=4, eta=0.0,
+                  clip_x0=True, generator=torch.Generator().manual_seed(1),
+                  callback=lambda i, n, x: seen.append((i, n)))
+    assert out.shape == x_T.shape and seen == [(i, 4) for i in range(4)]
+    assert default_steps(sampler, 10) <= 10  # never more steps than the schedule has
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_same_seed_same_output_bit_for_bit(sampler):
     cond = torch.randn(2, 4, 8, 8)
     runs = []

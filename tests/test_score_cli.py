@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_metrics import he_like_tiles
 from test_scoring import write_pngs
 
@@ -110,15 +109,15 @@ def make_run(folder: Path, preset_name: str, data: Path) -> Path:
     import torch
     from train_helpers import micro
 
-    from vstain_cli import checkpoint, rundir
-    from vstain_cli.dataset import open_dataset
-    from vstain_cli.nets.build import build_network
+    from vstain_cli.data.store import open_dataset
+    from vstain_cli.train import checkpoint, run_folder
+    from vstain_cli.train.networks import build_network
 
     preset, info = micro(preset_name), open_dataset(data)
     torch.manual_seed(0)
     net = build_network(preset, info.channels)
     folder.mkdir(parents=True)
-    rundir.write_config(folder, rundir.run_config(preset, info, world_size=1, device="cpu", precision="fp32"))
+    run_folder.write_config(folder, run_folder.run_config(preset, info, world_size=1, device="cpu", precision="fp32"))
     checkpoint.save_weights(folder / checkpoint.WEIGHTS, net.state_dict(), {"kind": preset.kind, "step": 0})
     return folder
 
@@ -136,7 +135,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_score_model_runs_with_stainnet(trained, tmp_path):
-    from vstain_cli import scoring
+    from vstain_cli.score import scoring
 
     r = vstain("score", "--data", str(trained / "dataset"), "--model", str(trained / "diff"), "--name", "B",
                "--stainnet", str(trained / "stainnet"), "--steps", "2", "--seed", "3", "--n", "6", "--boot", "100",

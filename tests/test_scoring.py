@@ -1,4 +1,4 @@
-"""Loading image sets, scoring and the HTML report (vstain_cli.scoring)."""
+"""Loading image sets, scoring and the HTML report (vstain_cli.score.scoring)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_metrics import he_like_tiles, simple_features
-from vstain_cli import scoring
+
 from vstain_cli.errors import InputError
 from vstain_cli.progress import NullProgress
+from vstain_cli.score import scoring
 
 
 def write_pngs(folder, images, names=None):
@@ -162,7 +162,7 @@ def test_write_report_self_contained(tmp_path):
     fake = np.clip(real.astype(int) + 15, 0, 255).astype(np.uint8)
     res = scoring.score_image_sets(real, {"A": fake, "B": real[::-1].copy()}, {"FSD": simple_features}, n_boot=50, fd_boot=10)
     af = np.random.default_rng(0).uniform(-1, 1, (6, 8, 32, 32)).astype(np.float32)
-    from vstain_cli.viz import af_false_colour
+    from vstain_cli.io.images import af_false_colour
 
     grids = {"AF (false colour)": af_false_colour(af), "target H&E": real, "A": fake, "B": real[::-1]}
     unc = {"input": af_false_colour(af), "lower": fake, "upper": real, "width": np.random.rand(6, 32, 32)}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import SHARED_SVS
+
 from vstain_cli.errors import InputError
 from vstain_cli.io.slides import OpenSlideSlide, TiffSlide, open_af, open_he
 

@@ -1,4 +1,4 @@
-"""Tests of vstain_cli.stitch: windows, canvas fusion, regions, noise, seam ratio."""
+"""Tests of vstain_cli.infer.stitch: windows, canvas fusion, regions, noise, seam ratio."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from vstain_cli.errors import InputError
-from vstain_cli.progress import NullProgress
-from vstain_cli.stitch import (
+from vstain_cli.infer.stitch import (
     CanvasDenoiser,
     RegionBlender,
     blend_predictions,
@@ -25,6 +23,7 @@ from vstain_cli.stitch import (
     stream_regions,
     window_grid,
 )
+from vstain_cli.progress import NullProgress
 
 T = 1000
 ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, T))  # Ho et al. 2020 linear schedule
@@ -103,9 +102,9 @@ def test_window_grid_covers_every_pixel(h, w, win, ov):
 
 
 def test_window_grid_rejects_bad_overlap():
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         window_grid(64, 64, 32, 32)
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         window_grid(64, 64, 32, -1)
 
 
@@ -246,11 +245,11 @@ def test_region_plan_geometry_and_partition_of_unity(h, w, region, margin, blend
 
 
 def test_region_plan_rejects_bad_parameters():
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         region_plan(100, 100, 64, 8, 32, blend=20)  # blend > 2 * margin
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         region_plan(100, 100, 0, 8, 32)
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         region_plan(100, 100, 10, 8, 32)  # 10 px regions, 16 px blend band
 
 

@@ -7,14 +7,14 @@ import openslide
 import pytest
 import tifffile
 
-from vstain_cli import phantom
+from vstain_cli.data.synth import fields
+from vstain_cli.data.synth.render import PhantomRenderer, SlideSpec, emission_spectra
 from vstain_cli.io.slides import open_af, open_he
-from vstain_cli.synth import PhantomRenderer, SlideSpec, emission_spectra
 
 
 def test_value_noise_does_not_depend_on_strip_boundaries():
-    whole = phantom.value_noise(0, 96, 200, 17.0, 5)
-    parts = np.concatenate([phantom.value_noise(y, 32, 200, 17.0, 5) for y in (0, 32, 64)])
+    whole = fields.value_noise(0, 96, 200, 17.0, 5)
+    parts = np.concatenate([fields.value_noise(y, 32, 200, 17.0, 5) for y in (0, 32, 64)])
     np.testing.assert_array_equal(whole, parts)
     assert 0 <= whole.min() and whole.max() <= 1 and whole.std() > 0.05
 
@@ -81,7 +81,7 @@ def test_synth_writes_real_files(phantom_pairs):
 
 
 def test_large_phantom_has_three_openslide_levels(tmp_path):
-    from vstain_cli.synth import synth
+    from vstain_cli.data.synth.render import synth
 
     csv = synth(tmp_path, slides=1, size=(2048, 1100), channels=2, seed=0)
     slide = openslide.OpenSlide(str(csv.parent / "phantom-000.he.tif"))

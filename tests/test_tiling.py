@@ -7,13 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_SVS
-from vstain_cli import tiling
-from vstain_cli.dataset import open_dataset, read_index
+
+from vstain_cli.data import tiling
+from vstain_cli.data.store import open_dataset, read_index
+from vstain_cli.data.tiling import TileOptions, tile
 from vstain_cli.errors import InputError, OutputExistsError
 from vstain_cli.io.slides import open_af, open_he
-from vstain_cli.tiling import TileOptions, tile
 
 
 @pytest.fixture(scope="module")

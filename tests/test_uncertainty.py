@@ -1,4 +1,4 @@
-"""Tests of vstain_cli.uncertainty: quantiles, risk, Hoeffding-Bentkus bound, RCPS calibration."""
+"""Tests of vstain_cli.uq.intervals: quantiles, risk, Hoeffding-Bentkus bound, RCPS calibration."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from vstain_cli.errors import InputError
-from vstain_cli.uncertainty import (
+from vstain_cli.uq.intervals import (
     Calibration,
     calibrate_lambda,
     coverage,

@@ -17,19 +17,20 @@ import openslide
 import pytest
 import tifffile
 import torch
+from conftest import assert_one_error_result, make_tiny_dataset, run_cli
 from torch import nn
+from train_helpers import micro
 from typer.testing import CliRunner
 
 from vstain_cli.cli.main import app
-from vstain_cli.dataset import normalize_af
+from vstain_cli.data.store import normalize_af
 from vstain_cli.errors import InputError, OutputExistsError
+from vstain_cli.infer.run import Run
 from vstain_cli.io.tiff import read_provenance, write_pyramid
-from vstain_cli.objectives import make_schedule
 from vstain_cli.progress import NullProgress
-from vstain_cli.runs import Run
-from vstain_cli.training import train
-from vstain_cli.uncertainty import Calibration
-from vstain_cli.uncertainty_maps import (
+from vstain_cli.train.loop import train
+from vstain_cli.uq.intervals import Calibration
+from vstain_cli.uq.maps import (
     FILES,
     UncertaintyOptions,
     apply_heatmap,
@@ -37,9 +38,6 @@ from vstain_cli.uncertainty_maps import (
     nice_ceiling,
     uncertainty_slide,
 )
-
-from conftest import assert_one_error_result, make_tiny_dataset, run_cli
-from train_helpers import micro
 
 torch.set_num_threads(1)
 
@@ -68,7 +66,7 @@ class GaussianOracle(nn.Module):
 def oracle_run(path: Path, channels: int = 4, tile: int = 32, sigma: float = SIGMA) -> Run:
     """A diffusion Run around ``GaussianOracle`` (AF normalised with 900..5000 like the tiny dataset)."""
     preset = micro("tiny-diffusion", model={"attention_levels": []})
-    schedule = make_schedule(preset)
+    schedule = preset.diffusion.build_schedule()
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text("{}")
     return Run(path=path, config={}, preset=preset, kind="diffusion", channels=channels, tile_size=tile, step=0,

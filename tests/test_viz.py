@@ -1,4 +1,4 @@
-"""Image helpers shared by reports and sample grids (vstain_cli.viz)."""
+"""Image helpers shared by reports and sample grids (vstain_cli.io.images)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vstain_cli import viz
+from vstain_cli.io import images as viz
 
 
 def test_spread_channels():

@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from vstain_cli.config import Preset, load_preset
+from vstain_cli.train.presets import Preset, load_preset
 
 MICRO = {
     "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_levels": [1],

@@ -84,14 +84,15 @@ def run_demo(
     stage: Stage | None = None,
 ) -> DemoResult:
     """Run every stage of the pipeline on phantom data into ``out``."""
-    from vstain_cli.calibrate import CALIBRATION_FILE, CalibrateOptions, calibrate_run
-    from vstain_cli.config import load_preset
-    from vstain_cli.evaluate import EvaluateOptions, evaluate
-    from vstain_cli.stain import StainOptions, stain_slide
-    from vstain_cli.synth import synth
-    from vstain_cli.tiling import TileOptions, tile
-    from vstain_cli.training import train
-    from vstain_cli.uncertainty_maps import UncertaintyOptions, uncertainty_slide
+    from vstain_cli.data.synth.render import synth
+    from vstain_cli.data.tiling import TileOptions, tile
+    from vstain_cli.infer.stain import StainOptions, stain_slide
+    from vstain_cli.score.pipeline import EvaluateOptions, evaluate
+    from vstain_cli.train.loop import train
+    from vstain_cli.train.presets import load_preset
+    from vstain_cli.train.run_folder import CALIBRATION_FILE
+    from vstain_cli.uq.calibrate import CalibrateOptions, calibrate_run
+    from vstain_cli.uq.maps import UncertaintyOptions, uncertainty_slide
 
     o = options or DemoOptions()
     o.check()

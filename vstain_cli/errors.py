@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -26,3 +28,14 @@ class InputError(VstainError):
 
 class OutputExistsError(VstainError):
     """An output exists and ``--force`` was not given."""
+
+
+@contextmanager
+def input_errors(path: str | Path | None = None) -> Iterator[None]:
+    """At a pipeline entry point: an algorithm's ValueError/TypeError becomes a one-line InputError."""
+    try:
+        yield
+    except VstainError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise InputError(str(e), path) from None

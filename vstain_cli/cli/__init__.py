@@ -1,1 +1,3 @@
-"""Command-line interface: the only package that imports typer and rich."""
+"""Command-line interface: the only package that imports typer and rich; one module per command.
+
+May import: everything below it (the whole core library)."""

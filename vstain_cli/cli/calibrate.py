@@ -7,11 +7,21 @@ from typing import Optional
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, console, handles_errors, out
+from vstain_cli.cli.common import (
+    RichProgress,
+    console,
+    device_option,
+    force_option,
+    handles_errors,
+    out,
+    sampler_option,
+    seed_option,
+    steps_option,
+)
 
 
 def _print_table(result) -> None:
-    """The calibration summary (``result``: a vstain_cli.calibrate.CalibrateResult) as a rich table."""
+    """The calibration summary (``result``: a vstain_cli.uq.calibrate.CalibrateResult) as a rich table."""
     from rich.table import Table
 
     cal, test = result.calibration, result.test
@@ -42,15 +52,15 @@ def calibrate(
     n: int = typer.Option(200, "--n", help="Tiles per split, evenly spread over it."),
     alpha: float = typer.Option(0.1, "--alpha", help="Risk level: at most this fraction of pixels outside."),
     delta: float = typer.Option(0.1, "--delta", help="Failure probability of the guarantee."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpmpp-2m (use the one you will map with)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: ddpm T, ddim 50, dpmpp-2m 20)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sample noise."),
+    sampler: str = sampler_option(),
+    steps: Optional[int] = steps_option(),
+    seed: int = seed_option("Seed of the sample noise."),
     batch_size: int = typer.Option(16, "--batch-size", help="Tiles per network call."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing MODEL/calibration.json."),
+    device: str = device_option(),
+    force: bool = force_option("Overwrite an existing MODEL/calibration.json."),
 ) -> None:
     """Calibrate the interval scale lambda (RCPS, Hoeffding-Bentkus) and check coverage on the test split."""
-    from vstain_cli.calibrate import CalibrateOptions, calibrate_run
+    from vstain_cli.uq.calibrate import CalibrateOptions, calibrate_run
 
     options = CalibrateOptions(split=split, test_split=None if test_split.lower() == "none" else test_split,
                                samples=samples, n=n, alpha=alpha, delta=delta, sampler=sampler, steps=steps,

@@ -13,11 +13,13 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress as RichBars,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+)
+from rich.progress import (
+    Progress as RichBars,
 )
 
 from vstain_cli.errors import VstainError
@@ -58,7 +60,7 @@ def handles_errors(fn: F) -> F:
             fail(str(e), 2)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: nothing half-written is left; tile, train and demo resume when rerun")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except MemoryError:
@@ -125,3 +127,40 @@ class RichProgress:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------- shared options
+# One definition of each option that several commands take, so the flag, its
+# choices and its help read the same everywhere.
+
+
+def device_option() -> Any:
+    """``--device``: resolved by vstain_cli.runtime with the same rules in every command."""
+    from vstain_cli.runtime import DEVICE_CHOICES
+
+    return typer.Option("auto", "--device", metavar="DEVICE",
+                        help=f"Where to run: {DEVICE_CHOICES} (auto: CUDA, else MPS, else CPU).")
+
+
+def force_option(what: str = "Overwrite an existing output.") -> Any:
+    """``--force`` with a command-specific sentence of what it replaces."""
+    return typer.Option(False, "--force", help=what)
+
+
+def seed_option(what: str = "Seed: same seed, same output.", default: Any = 0) -> Any:
+    """``--seed``."""
+    return typer.Option(default, "--seed", min=0, metavar="INT", help=what)
+
+
+def sampler_option() -> Any:
+    """``--sampler`` listing the registry's choices and their default steps."""
+    from vstain_cli.diffusion.samplers import SAMPLERS
+
+    choices = "; ".join(f"{name}: {spec.summary}" for name, spec in SAMPLERS.items())
+    return typer.Option("ddim", "--sampler", metavar="NAME", help=f"Sampler of diffusion runs ({choices}).")
+
+
+def steps_option() -> Any:
+    """``--steps``: sampler steps, default the sampler's own."""
+    return typer.Option(None, "--steps", min=1, max=10_000, metavar="INT",
+                        help="Sampler steps (default: the sampler's, see --sampler).")

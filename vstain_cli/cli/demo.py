@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, console, handles_errors, out
+from vstain_cli.cli.common import RichProgress, console, device_option, force_option, handles_errors, out, seed_option
 
 
 @handles_errors
@@ -22,9 +22,9 @@ def demo(
     samples: int = typer.Option(8, "--samples", help="Diffusion samples per pixel (calibration, uncertainty)."),
     sample_steps: int = typer.Option(10, "--sample-steps", help="DDIM steps for every diffusion sample of the demo."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pt_inception-2015-12-05 weights file: adds FID."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    seed: int = typer.Option(0, "--seed", help="Seed of everything."),
-    force: bool = typer.Option(False, "--force", help="Delete an earlier demo folder and start over."),
+    device: str = device_option(),
+    seed: int = seed_option("Seed of everything."),
+    force: bool = force_option("Delete an earlier demo folder and start over."),
 ) -> None:
     """Run synth -> tile -> train -> calibrate -> stain -> uncertainty -> score on phantom slides."""
     import time

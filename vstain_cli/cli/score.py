@@ -7,14 +7,24 @@ from typing import List, Optional
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, console, handles_errors, out
+from vstain_cli.cli.common import (
+    RichProgress,
+    console,
+    device_option,
+    force_option,
+    handles_errors,
+    out,
+    sampler_option,
+    seed_option,
+    steps_option,
+)
 
 
 def print_score_table(results: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from vstain_cli.report import DIGITS, HIGHER_IS_BETTER, METRIC_ORDER, format_interval
+    from vstain_cli.score.report import DIGITS, HIGHER_IS_BETTER, METRIC_ORDER, format_interval
 
     models = results["models"]
     cols = [m for m in METRIC_ORDER if any(m in r["metrics"] for r in models.values())]
@@ -42,24 +52,24 @@ def score(
     stainnet: Optional[Path] = typer.Option(None, "--stainnet", help="Trained StainNet run folder (runs/stainnet): enables FSD."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or .safetensors): enables FID. Nothing is downloaded."),
     n: Optional[int] = typer.Option(None, "--n", min=2, help="Score a seeded random subset of N tiles (the same tiles for every model)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the tile subset, the diffusion noise and the bootstrap."),
+    seed: int = seed_option("Seed for the tile subset, the diffusion noise and the bootstrap."),
     split: str = typer.Option("test", "--split", help="Split to read from dataset folders."),
-    sampler: str = typer.Option("ddim", "--sampler", help="Sampler for diffusion --model runs: ddpm, ddim, dpmpp-2m."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps (default: the sampler's)."),
+    sampler: str = sampler_option(),
+    steps: Optional[int] = steps_option(),
     eta: float = typer.Option(0.0, "--eta", min=0.0, help="DDIM eta (0 = deterministic)."),
     n_boot: int = typer.Option(1000, "--boot", min=10, help="Bootstrap resamples for the mean metrics (L1, L2, PSNR, SSIM)."),
     fd_boot: int = typer.Option(100, "--fd-boot", min=10, help="Bootstrap resamples for FID/FSD (each costs two covariances and an eigendecomposition)."),
     unpaired: bool = typer.Option(False, "--unpaired", help="Do not pair --fake sets with real tiles: FD only, no L1/L2/PSNR/SSIM."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Tiles per network batch."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    device: str = device_option(),
     grid_rows: int = typer.Option(6, "--grid-rows", min=0, help="Example tiles shown in the report."),
     out_dir: Path = typer.Option(..., "--out", help="Output folder: score.json, report.html, per_image.csv (+ samples-NAME.npy for --model)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    force: bool = force_option("Overwrite existing outputs."),
     uncertainty_samples: int = typer.Option(8, "--uncertainty-samples", min=2, help="Diffusion samples per tile for the report's uncertainty panel (runs with a calibration.json)."),
     uncertainty_rows: int = typer.Option(3, "--uncertainty-rows", min=0, help="Example tiles in the uncertainty panel (0: none)."),
 ) -> None:
     """Score stained tiles against real H&E: FID, FSD, L1, L2, PSNR, SSIM with 95% intervals."""
-    from vstain_cli.evaluate import EvaluateOptions, evaluate
+    from vstain_cli.score.pipeline import EvaluateOptions, evaluate
 
     options = EvaluateOptions(
         real=real, fakes=list(fake or []), models=list(model or []), data=data, names=list(name or []) or None,

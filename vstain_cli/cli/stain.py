@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, console, handles_errors
+from vstain_cli.cli.common import (
+    RichProgress,
+    console,
+    device_option,
+    force_option,
+    handles_errors,
+    sampler_option,
+    seed_option,
+    steps_option,
+)
 
 
 @handles_errors
@@ -15,18 +24,18 @@ def stain(
     af: Path = typer.Argument(..., help="AF slide (multi-channel OME-TIFF/TIFF)."),
     model: Path = typer.Option(..., "--model", "-m", help="Trained run folder (runs/NAME)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output pyramidal TIFF (OpenSlide/QuPath)."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpmpp-2m (diffusion runs)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: ddpm T, ddim 50, dpmpp-2m 20)."),
+    sampler: str = sampler_option(),
+    steps: Optional[int] = steps_option(),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per network call."),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in px (default: a quarter window for diffusion, half for regression/pix2pix)."),
     region: int = typer.Option(1024, "--region", help="Streaming region size in px (bounds memory)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    seed: int = typer.Option(0, "--seed", help="Seed: same seed, same slide."),
+    device: str = device_option(),
+    seed: int = seed_option("Seed: same seed, same slide."),
     quality: int = typer.Option(90, "--quality", help="JPEG quality of the pyramid tiles."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    force: bool = force_option("Overwrite an existing output."),
 ) -> None:
     """Virtually stain a whole AF slide, stitched without seams, as a pyramidal TIFF."""
-    from vstain_cli.stain import StainOptions, stain_slide
+    from vstain_cli.infer.stain import StainOptions, stain_slide
 
     options = StainOptions(sampler=sampler, steps=steps, batch_size=batch_size, overlap=overlap, region=region,
                            device=device, seed=seed, quality=quality)

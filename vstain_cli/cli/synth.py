@@ -8,7 +8,7 @@ from typing import Tuple
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, console, handles_errors
+from vstain_cli.cli.common import RichProgress, console, force_option, handles_errors, seed_option
 
 
 @handles_errors
@@ -18,14 +18,15 @@ def synth(
     size: Tuple[int, int] = typer.Option((4096, 4096), "--size", help="Slide height and width in pixels (H W)."),
     channels: int = typer.Option(26, "--channels", help="AF spectral channels."),
     mpp: float = typer.Option(0.5, "--mpp", help="Microns per pixel."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same slides)."),
+    seed: int = seed_option("Random seed (same seed, same slides)."),
     workers: int = typer.Option(2, "--workers", help="Threads rendering strips."),
     af_compression: str = typer.Option("none", "--af-compression", help="AF TIFF codec: none, zstd or zlib."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing phantom data."),
+    force: bool = force_option("Overwrite existing phantom data."),
 ) -> None:
     """Make phantom liver slide pairs (AF OME-TIFF + pyramidal H&E TIFF) and pairs.csv."""
+    from vstain_cli.data.synth.render import megapixels
+    from vstain_cli.data.synth.render import synth as run_synth
     from vstain_cli.errors import InputError
-    from vstain_cli.synth import megapixels, synth as run_synth
 
     hw = (int(size[0]), int(size[1]))
     if af_compression not in ("none", "zstd", "zlib"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, console, handles_errors, out
+from vstain_cli.cli.common import RichProgress, console, force_option, handles_errors, out
 
 
 @handles_errors
@@ -19,12 +19,13 @@ def tile(
     min_tissue: float = typer.Option(0.5, "--min-tissue", help="Keep patches with at least this tissue fraction."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the split by slide (0.5/0.2/0.3, stratified by label)."),
     workers: int = typer.Option(2, "--workers", help="Reader threads."),
-    force: bool = typer.Option(False, "--force", help="Redo an existing dataset from scratch."),
+    force: bool = force_option("Redo an existing dataset from scratch."),
 ) -> None:
     """Cut co-registered AF + H&E slide pairs into 128x128 paired tissue patches."""
     from rich.table import Table
 
-    from vstain_cli.tiling import TileOptions, tile as run_tile
+    from vstain_cli.data.tiling import TileOptions
+    from vstain_cli.data.tiling import tile as run_tile
 
     t0 = time.perf_counter()
     options = TileOptions(size=size, stride=stride, min_tissue=min_tissue, split_seed=split_seed)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, handles_errors, out
+from vstain_cli.cli.common import RichProgress, device_option, force_option, handles_errors, out, seed_option
+from vstain_cli.runtime import place
 
 
 @handles_errors
@@ -21,21 +21,21 @@ def train(
         None, "--batch-size", min=1, help="Global batch size (split over processes)."
     ),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Peak learning rate."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    device: str = device_option(),
     precision: Optional[str] = typer.Option(
         None, "--precision", help="bf16, fp16 or fp32 (default: the preset's; auto = bf16 on CUDA, fp32 on CPU)."
     ),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of data order, noise and init."),
+    seed: Optional[int] = seed_option("Seed of data order, noise and init.", default=None),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Start over in --out even if it holds another run."),
+    force: bool = force_option("Start over in --out even if it holds another run."),
 ) -> None:
     """Train a model preset on a dataset; checkpoints, metrics and sample grids go to --out."""
-    from vstain_cli.config import load_preset
-    from vstain_cli.training import train as run_training
+    from vstain_cli.train.loop import train as run_training
+    from vstain_cli.train.presets import load_preset
 
     p = load_preset(preset).with_train(steps=steps, batch_size=batch_size, lr=lr, precision=precision, seed=seed)
     target = out_dir or Path("runs") / p.name
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = place().is_main
     with RichProgress(enabled=main) as progress:
         result = run_training(p, data, target, device=device, resume=resume, force=force, progress=progress)
     if not main:

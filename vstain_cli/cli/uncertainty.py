@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, console, handles_errors
+from vstain_cli.cli.common import (
+    RichProgress,
+    console,
+    device_option,
+    force_option,
+    handles_errors,
+    sampler_option,
+    seed_option,
+    steps_option,
+)
 
 
 @handles_errors
@@ -19,20 +28,20 @@ def uncertainty(
     calibration: Optional[Path] = typer.Option(
         None, "--calibration",
         help="calibration.json from `vstain calibrate` (default: MODEL/calibration.json if present, else lambda = 1)."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpmpp-2m."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: ddpm T, ddim 50, dpmpp-2m 20)."),
+    sampler: str = sampler_option(),
+    steps: Optional[int] = steps_option(),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per network call."),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in px (default: a quarter window)."),
     region: int = typer.Option(1024, "--region",
                                help="Streaming region size in px; memory ~ samples x (region + window)^2 x 12 bytes."),
     width_max: Optional[float] = typer.Option(
         None, "--width-max", help="Top of the heat-map scale in 0-255 units (default: 99th percentile over tissue)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    seed: int = typer.Option(0, "--seed", help="Seed: sample k uses the noise of `stain` sample index k."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    device: str = device_option(),
+    seed: int = seed_option("Seed: sample k uses the noise of `stain` sample index k."),
+    force: bool = force_option("Replace an existing output folder."),
 ) -> None:
     """Sample a slide N times and write calibrated 5-95 % interval maps (lower, upper, mean, width)."""
-    from vstain_cli.uncertainty_maps import UncertaintyOptions, uncertainty_slide
+    from vstain_cli.uq.maps import UncertaintyOptions, uncertainty_slide
 
     options = UncertaintyOptions(sampler=sampler, steps=steps, batch_size=batch_size, overlap=overlap, region=region,
                                  device=device, seed=seed, samples=samples, width_max=width_max)

@@ -1,1 +1,3 @@
-"""Noise schedules, training losses and samplers; the network never owns the process."""
+"""Noise schedules, the denoiser wrapper (prediction parameterisation), losses, the masked prior, samplers.
+
+May import: base modules only. Never presets (train/): presets validate their names against this package."""

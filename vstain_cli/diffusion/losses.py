@@ -5,37 +5,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vstain_cli.diffusion.schedule import Schedule, v_target
+from vstain_cli.diffusion.denoiser import Denoiser, as_denoiser
+from vstain_cli.diffusion.schedule import Schedule
 
 
 def diffusion_loss(
-    model,
+    denoiser: Denoiser,
     x0: torch.Tensor,
     cond: torch.Tensor | None,
     schedule: Schedule,
     *,
-    prediction: str = "eps",
     loss: str = "l2",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Simple denoising loss, Ho et al. 2020 eq. 14: E ||target - model(x_t, t, cond)||.
 
     t ~ U{0..T-1}, eps ~ N(0, I) drawn from ``generator`` on its device;
-    target is eps, or v (Salimans & Ho 2022).
+    the target is the denoiser's parameterisation (eps, v or x0; see denoiser.py).
     """
+    denoiser = as_denoiser(denoiser)
     b = x0.shape[0]
     dev = generator.device if generator is not None else x0.device
     t = torch.randint(0, schedule.T, (b,), generator=generator, device=dev)
     noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=torch.float32)
     t, noise = t.to(x0.device), noise.to(device=x0.device, dtype=x0.dtype)
     x_t = schedule.q_sample(x0, t, noise)
-    if prediction == "eps":
-        target = noise
-    elif prediction == "v":
-        target = v_target(x0, noise, schedule.abar(t, x0))
-    else:
-        raise ValueError(f"unknown prediction type {prediction!r}")
-    pred = model(x_t, t.float(), cond).float()
+    target = denoiser.target(x0, noise, schedule.abar(t, x0))
+    pred = denoiser.raw(x_t, t.float(), cond).float()
     return pixel_loss(pred, target.float(), loss)
 
 

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 SCHEDULES = ("linear", "cosine", "cosine-beta")
-PREDICTIONS = ("eps", "v")
 
 
 def make_betas(name: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -84,24 +83,3 @@ class Schedule:
         """Signal-to-noise ratio abar/(1-abar) per timestep."""
         ac = self.alphas_cumprod
         return ac / (1.0 - ac)
-
-
-def v_target(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, sec. 4)."""
-    return abar.sqrt() * noise - (1 - abar).sqrt() * x0
-
-
-def to_x0_eps(
-    pred: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) implied by a network output of the given prediction type.
-
-    eps: x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) (Ho et al. eq. 15 rearranged);
-    v:   x0 = sqrt(abar) x_t - sqrt(1-abar) v, eps = sqrt(1-abar) x_t + sqrt(abar) v.
-    """
-    a, s = abar.sqrt(), (1 - abar).sqrt()
-    if prediction == "eps":
-        return (x_t - s * pred) / a, pred
-    if prediction == "v":
-        return a * x_t - s * pred, s * x_t + a * pred
-    raise ValueError(f"unknown prediction type {prediction!r} (choose from {', '.join(PREDICTIONS)})")

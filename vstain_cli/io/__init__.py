@@ -1,1 +1,3 @@
-"""Slide readers, pyramid writer, tissue masks and tile grids (numpy only, no torch)."""
+"""Slide readers, the pyramid writer, tissue masks, tile grids and image files (numpy only, no torch).
+
+May import: the base modules only (errors, progress, provenance, runtime, seeding)."""

@@ -2,7 +2,7 @@
 
 Every reader returns pixels channels-last, ``(h, w, C)``, in the source dtype.
 AF never goes through OpenSlide: it silently returns channel 0 of a
-multi-channel TIFF as grey (DESIGN.md §2).
+multi-channel TIFF as grey (docs/data.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Level 0 is consumed strip by strip from an iterator; every reduced level is
 spilled to a temporary memory-mapped file next to the output while the level
 above it is written, so memory stays bounded by a few strips whatever the
-slide size (DESIGN.md §2).
+slide size (docs/architecture.md, "Streaming").
 
 Two layouts:
 - ``subifds=False``: every level is a top-level IFD (reduced levels marked

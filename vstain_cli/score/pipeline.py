@@ -1,0 +1,420 @@
+"""``vstain score`` end to end, callable from Python: ``evaluate(EvaluateOptions(...))``.
+
+Loads the real and stained image sets (or stains the AF of a dataset split with
+trained runs), pairs them by tile name, computes FID / FSD / L1 / L2 / PSNR /
+SSIM with bootstrap intervals (``vstain_cli.score.scoring``), and writes score.json,
+per_image.csv, report.html (``vstain_cli.score.report``) and samples-NAME.npy per run.
+
+For a diffusion run with a ``RUN/calibration.json`` the report gets a Fig. 3-style
+uncertainty panel (Sridhar et al. 2023): ``uncertainty_samples`` draws for the
+first ``uncertainty_rows`` example tiles, the calibrated 5-95 % interval
+(``vstain_cli.uq.intervals``), and the coverage of the real tiles by it.
+No typer/rich here: progress flows through ``Progress``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vstain_cli import provenance, seeding
+from vstain_cli.errors import InputError
+from vstain_cli.progress import NullProgress, Progress
+from vstain_cli.score import scoring
+from vstain_cli.score.scoring import ImageSet
+from vstain_cli.train.run_folder import CALIBRATION_FILE
+
+NO_CALIBRATION = "uncertainty panel skipped: no calibration.json (run `vstain calibrate`)"
+
+
+@dataclass
+class EvaluateOptions:
+    """Everything ``vstain score`` takes; paths may be str or Path."""
+
+    real: Path | None = None
+    fakes: list[Path] = field(default_factory=list)
+    models: list[Path] = field(default_factory=list)
+    data: Path | None = None
+    names: list[str] | None = None
+    stainnet: Path | None = None
+    inception_weights: Path | None = None
+    n: int | None = None
+    seed: int = 0
+    split: str = "test"
+    sampler: str = "ddim"
+    steps: int | None = None
+    eta: float = 0.0
+    n_boot: int = 1000
+    fd_boot: int = 100
+    unpaired: bool = False
+    batch_size: int = 64
+    device: str = "auto"
+    grid_rows: int = 6
+    out_dir: Path | None = None
+    force: bool = False
+    uncertainty_samples: int = 8
+    uncertainty_rows: int = 3
+
+    def __post_init__(self) -> None:
+        opt = lambda p: None if p is None else Path(p)  # noqa: E731
+        self.real, self.data = opt(self.real), opt(self.data)
+        self.stainnet, self.inception_weights, self.out_dir = (
+            opt(self.stainnet), opt(self.inception_weights), opt(self.out_dir))
+        self.fakes = [Path(p) for p in self.fakes or []]
+        self.models = [Path(p) for p in self.models or []]
+        self.names = list(self.names) if self.names else None
+
+
+@dataclass
+class EvaluateResult:
+    """What ``evaluate`` computed and wrote."""
+
+    #: The content of score.json: n_real, tile_size, models, warnings, settings,
+    #: notes, provenance, tiles (and ``uncertainty`` when a panel was drawn).
+    results: dict[str, Any]
+    #: Output name ("score.json", "report.html", "per_image.csv", "samples-NAME.npy") -> path.
+    paths: dict[str, Path]
+    #: Informational lines (skipped metrics, skipped uncertainty panels).
+    notes: list[str]
+    #: Every warning emitted on the way (pairing, too few tiles for FD, ...).
+    warnings: list[str]
+    #: Per-tile distortion metrics: model -> metric -> (N,) array (as per_image.csv).
+    per_image: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+class _Recorder:
+    """Forwards to a Progress and keeps the warnings it saw."""
+
+    def __init__(self, inner: Progress) -> None:
+        self.inner = inner
+        self.warnings: list[str] = []
+
+    def start(self, key: str, description: str, total: int | None) -> None:
+        self.inner.start(key, description, total)
+
+    def advance(self, key: str, n: int = 1) -> None:
+        self.inner.advance(key, n)
+
+    def finish(self, key: str) -> None:
+        self.inner.finish(key)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+        self.inner.warn(message)
+
+
+def model_names(sources: list[Path], names: list[str] | None) -> list[str]:
+    """One display name per --fake/--model source (given, else the file/folder name)."""
+    if names:
+        if len(names) != len(sources):
+            raise InputError(
+                f"{len(names)} --name for {len(sources)} --fake/--model; give one name per "
+                "--fake then per --model (or none)"
+            )
+        chosen = list(names)
+    else:
+        chosen = [p.stem if p.suffix.lower() == ".npy" else p.name for p in sources]
+    seen: dict[str, int] = {}
+    for i, n in enumerate(chosen):  # make duplicates unique: runs/A/out, runs/B/out -> out, out-2
+        seen[n] = seen.get(n, 0) + 1
+        if seen[n] > 1:
+            chosen[i] = f"{n}-{seen[n]}"
+    return chosen
+
+
+def grid_pick(n_tiles: int, rows: int, seed: int) -> np.ndarray:
+    """Sorted indices of the report's example tiles (seeded, independent of the subset seed)."""
+    k = min(rows, n_tiles)
+    return np.sort(np.random.default_rng(seed + 1).choice(n_tiles, size=k, replace=False))
+
+
+def grid_columns(real_set: ImageSet, fake_sets: dict[str, ImageSet], paired: dict[str, bool], pick: np.ndarray,
+                 af_set: ImageSet | None = None) -> dict[str, np.ndarray]:
+    """Fig. 2-style columns: AF false colour (dataset input) | target | each model."""
+    from vstain_cli.io import images as viz
+
+    k = len(pick)
+    rows = [int(i) for i in pick]
+    cols: dict[str, np.ndarray] = {}
+    af_set = af_set if af_set is not None and af_set.af is not None else real_set
+    if af_set.af is not None:
+        cols["AF (false colour)"] = viz.af_false_colour(af_set.af_norm(rows))
+    cols["target H&E"] = real_set.images[pick]
+    for name, fs in fake_sets.items():
+        if paired[name]:
+            cols[name] = fs.images[pick]
+        else:
+            cols[f"{name} (unpaired)"] = fs.images[:k]
+    return cols
+
+
+def draw_samples(run: Any, af: np.ndarray, count: int, *, sampler: str = "ddim", steps: int | None = None,
+                 eta: float = 0.0, seed: int = 0, progress: Progress | None = None,
+                 key: str = "uncertainty") -> np.ndarray:
+    """``count`` diffusion samples of raw AF tiles (k, C, H, W) -> float32 (count, k, 3, H, W) in [-1, 1].
+
+    Sample ``s`` draws from a generator seeded by (seed, s), so the panel is
+    reproducible and independent of the batches used for scoring.
+    """
+    import torch
+
+    progress = progress or NullProgress()
+    x = torch.from_numpy(run.normalize(af)).to(run.device)
+    out = np.empty((count, len(af), 3, *af.shape[-2:]), np.float32)
+    progress.start(key, f"uncertainty samples {run.path.name}", count)
+    for s in range(count):
+        g = seeding.torch_generator(seeding.derive_seed(seed, seeding.SCORE_SAMPLES, s), run.device)
+        try:
+            y = run.translate(x, sampler=sampler, steps=steps, eta=eta, generator=g)
+        except ValueError as e:  # e.g. steps > T
+            raise InputError(f"{run.path}: {e}") from None
+        out[s] = y.float().cpu().numpy()
+        progress.advance(key)
+    progress.finish(key)
+    return out
+
+
+def interval_panel(samples: np.ndarray, real: np.ndarray, calibration: Any, name: str
+                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Samples (S, k, 3, H, W) in [-1, 1] and real uint8 tiles (k, 3, H, W) -> panel columns, record.
+
+    Columns: ``NAME mean``, ``NAME lower``, ``NAME upper`` as uint8 RGB and
+    ``NAME width`` as (k, H, W) float (upper - lower within [0, 255], RGB mean). The
+    interval is the per-pixel ``q_low``-``q_high`` sample interval scaled by the
+    calibrated lambda around the median (``uncertainty.credible_interval``); the
+    record holds the coverage of the real tiles by it (all and per tile).
+    """
+    from vstain_cli.data.store import he_to_unit, unit_to_he
+    from vstain_cli.uq.intervals import credible_interval, pixel_risk
+
+    cal = calibration
+    iv = credible_interval(samples, cal.lam, cal.q_low, cal.q_high)
+    target = he_to_unit(np.asarray(real))
+    risk = np.atleast_1d(pixel_risk(target, iv.lower, iv.upper))
+    # widths of the interval within the displayable range [-1, 1], in 0-255 units
+    width = (np.clip(iv.upper, -1.0, 1.0) - np.clip(iv.lower, -1.0, 1.0)).mean(axis=1) * 127.5
+    cols = {
+        f"{name} mean": unit_to_he(iv.mean),
+        f"{name} lower": unit_to_he(iv.lower),
+        f"{name} upper": unit_to_he(iv.upper),
+        f"{name} width": width,
+    }
+    record = {
+        "lam": float(cal.lam), "q_low": float(cal.q_low), "q_high": float(cal.q_high),
+        "alpha": float(cal.alpha), "nominal_coverage": 1.0 - float(cal.alpha),
+        "samples": int(samples.shape[0]), "n": int(len(risk)),
+        "coverage": float(1.0 - risk.mean()),
+        "coverage_per_tile": [float(1.0 - r) for r in risk],
+        "mean_width_255": float(width.mean()),
+    }
+    return cols, record
+
+
+def _load_calibration(run_dir: Path) -> tuple[Any, dict[str, Any]] | None:
+    """(Calibration, raw JSON) of ``run_dir/calibration.json``, None when absent; InputError when corrupt."""
+    import json
+
+    from vstain_cli.uq.intervals import Calibration
+
+    path = run_dir / CALIBRATION_FILE
+    if not path.exists():
+        return None
+    cal = Calibration.from_json(path)
+    return cal, json.loads(path.read_text())
+
+
+def _calibration_mismatch(name: str, meta: dict[str, Any], options: EvaluateOptions, run: Any) -> str | None:
+    """A note when the calibration was made with another sampler/steps/checkpoint than the panel uses."""
+    now = {"sampler": options.sampler, "steps": options.steps, "model_step": run.step}
+    diff = [f"{k} {meta[k]} -> {v}" for k, v in now.items() if k in meta and meta[k] != v]
+    if not diff:
+        return None
+    return (f"{name}: calibration.json was made differently ({', '.join(diff)}): its lambda may not hold; "
+            "recalibrate with the same settings")
+
+
+def _check(o: EvaluateOptions) -> tuple[Path, Path | None, list[str]]:
+    """Validate the options before any work; returns (real, data, names)."""
+    fakes, models = o.fakes, o.models
+    real, data = o.real, o.data
+    if not fakes and not models:
+        raise InputError("give at least one --fake image set or --model run to score")
+    if real is None and data is None:
+        raise InputError("give the real tiles with --real (or a dataset with --data)")
+    if models and data is None:
+        if real is not None and (real / "dataset.json").is_file():
+            data = real
+        else:
+            raise InputError("--model needs the dataset whose AF it stains: give --data dataset/")
+    real = real if real is not None else data
+    names = model_names(fakes + models, o.names)
+    for p in [real, *fakes, *([data] if data else [])]:
+        if not p.exists():
+            raise InputError("image set not found (a folder of tiles, a .npy array or a dataset folder)", p)
+    for p in models:
+        if not p.is_dir():
+            raise InputError("run folder not found (train one with `vstain train`)", p)
+    if o.inception_weights is not None and not o.inception_weights.is_file():
+        raise InputError("Inception weights file not found (FID needs pytorch-fid's pt_inception-2015-12-05-6726825d.pth)", o.inception_weights)
+    if o.stainnet is not None and not o.stainnet.is_dir():
+        raise InputError("StainNet run folder not found (train one with `vstain train --preset stainnet`)", o.stainnet)
+    if models:
+        from vstain_cli.diffusion.samplers import SAMPLERS
+
+        if o.sampler not in SAMPLERS:
+            raise InputError(f"unknown --sampler {o.sampler!r} (choose from {', '.join(SAMPLERS)})")
+    if o.out_dir is None:
+        raise InputError("give an output folder (--out)")
+    if o.uncertainty_rows < 0:
+        raise InputError(f"uncertainty_rows must be at least 0, got {o.uncertainty_rows}")
+    if o.uncertainty_samples < 2:
+        raise InputError(f"uncertainty_samples must be at least 2 (quantiles need a spread), got {o.uncertainty_samples}")
+    return real, data, names
+
+
+def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> EvaluateResult:
+    """Score stained tiles against real H&E and write score.json, per_image.csv, report.html.
+
+    InputError (one line, naming the file) for bad input, OutputExistsError when an
+    output exists and ``options.force`` is false; both before any heavy work.
+    """
+    o = options
+    prog = _Recorder(progress or NullProgress())
+    real, data, names = _check(o)
+    fakes, models, split, seed = o.fakes, o.models, o.split, o.seed
+    model_names_ = names[len(fakes):]
+    outputs = ["score.json", "report.html", "per_image.csv"] + [f"samples-{nm}.npy" for nm in model_names_]
+    paths = {k: o.out_dir / k for k in outputs}
+    for p in paths.values():
+        provenance.check_output_file(p, o.force, inputs=[real, *fakes])
+    show_panel = o.grid_rows > 0 and o.uncertainty_rows > 0
+    calibrations = {nm: _load_calibration(p) for nm, p in zip(model_names_, models)} if show_panel else {}
+
+    dev = scoring.resolve_device(o.device) if (o.inception_weights or o.stainnet or models) else "cpu"
+    notes: list[str] = []
+    extractors = {}
+    if o.inception_weights is not None:
+        extractors["FID"] = scoring.inception_extractor(o.inception_weights, dev)
+    else:
+        notes.append("FID skipped: no --inception-weights file given")
+    if o.stainnet is not None:
+        extractors["FSD"] = scoring.stainnet_extractor(o.stainnet, dev)
+    else:
+        notes.append("FSD skipped: no --stainnet run given")
+    real_full = scoring.load_images(real, split, prog)
+    idx = scoring.select_tiles(len(real_full), o.n, seed)
+    real_set = real_full.take(idx)
+    fake_sets: dict[str, ImageSet] = {}
+    paired: dict[str, bool] = {}
+    for nm, p in zip(names, fakes):
+        fs = scoring.load_images(p, split, prog)
+        ok = False
+        if not o.unpaired:
+            fs, ok = scoring.pair_with_real(real_full, fs, prog)
+        fake_sets[nm] = fs.take(idx) if ok else fs.take(scoring.select_tiles(len(fs), o.n, seed))
+        paired[nm] = ok
+    src = real_set
+    if models:
+        if Path(data).resolve() != Path(real).resolve():
+            data_full = scoring.load_images(data, split, prog)
+            if data_full.names != real_full.names:
+                raise InputError(
+                    f"--real tiles are not named like --data's {split} tiles (slide_row); "
+                    "omit --real to score against --data",
+                    real,
+                )
+            src = data_full.take(idx)
+        for nm, run_dir in zip(model_names_, models):
+            tiles = scoring.sample_run_tiles(run_dir, src, dev, o.sampler, o.steps, o.eta, seed, o.batch_size, prog)
+            with provenance.atomic_output(paths[f"samples-{nm}.npy"]) as tmp, open(tmp, "wb") as f:
+                np.save(f, tiles)
+            fake_sets[nm] = ImageSet(tiles, list(real_set.names), str(run_dir))
+            paired[nm] = True
+    results = scoring.score_image_sets(
+        real_set.images,
+        {k: v.images for k, v in fake_sets.items()},
+        extractors,
+        n_boot=o.n_boot,
+        seed=seed,
+        fd_boot=o.fd_boot,
+        paired=paired,
+        batch_size=o.batch_size,
+        progress=prog,
+        fd_device=dev if dev.startswith("cuda") else None,
+    )
+    per_image = results.pop("per_image")
+
+    grids, row_names, panel = None, None, {}
+    pick = grid_pick(len(real_set), o.grid_rows, seed) if o.grid_rows > 0 else np.zeros(0, int)
+    if o.grid_rows > 0:
+        grids = grid_columns(real_set, fake_sets, paired, pick, src)
+        row_names = [real_set.names[i] for i in pick]
+    unc_records: dict[str, Any] = {}
+    if show_panel and models:
+        panel, unc_records = _uncertainty(o, models, model_names_, calibrations, src, real_set,
+                                          pick[: o.uncertainty_rows], dev, notes, prog)
+
+    results["notes"] = notes
+    if unc_records:
+        results["uncertainty"] = unc_records
+    config = {
+        "real": str(real), "fake": [str(p) for p in fakes], "model": [str(p) for p in models],
+        "data": str(data) if data else None, "names": names,
+        "stainnet": str(o.stainnet) if o.stainnet else None,
+        "inception_weights": str(o.inception_weights) if o.inception_weights else None, "n": o.n, "seed": seed,
+        "split": split, "sampler": o.sampler, "steps": o.steps, "eta": o.eta, "n_boot": o.n_boot,
+        "fd_boot": o.fd_boot, "unpaired": o.unpaired, "device": dev,
+        "uncertainty_samples": o.uncertainty_samples, "uncertainty_rows": o.uncertainty_rows,
+    }
+    inputs = {"inception_weights": provenance.fingerprint(o.inception_weights)} if o.inception_weights else {}
+    results["provenance"] = provenance.record(config, inputs)
+    doc = scoring.json_ready({**results, "tiles": real_set.names})
+    provenance.write_json(paths["score.json"], doc)
+    scoring.write_per_image_csv(paths["per_image.csv"], {"per_image": per_image}, real_set.names)
+    from vstain_cli.score.report import write_report
+
+    write_report(paths["report.html"], results, grids, panel or None, row_names=row_names)
+    return EvaluateResult(doc, paths, notes, prog.warnings, per_image)
+
+
+def _uncertainty(o: EvaluateOptions, models: list[Path], names: list[str], calibrations: dict[str, Any],
+                 src: ImageSet, real_set: ImageSet, pick: np.ndarray, dev: str, notes: list[str],
+                 progress: Progress) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Fig. 3-style columns (AF | target | per calibrated diffusion run: mean, lower, upper, width)."""
+    from vstain_cli.infer.run import load_run
+    from vstain_cli.io import images as viz
+
+    rows = [int(i) for i in pick]
+    cols: dict[str, np.ndarray] = {}
+    records: dict[str, Any] = {}
+    for nm, run_dir in zip(names, models):
+        run = load_run(run_dir, dev)
+        if not run.is_diffusion:
+            continue  # deterministic: one output per input, no spread to show
+        found = calibrations.get(nm)
+        if found is None:
+            notes.append(NO_CALIBRATION if len(models) == 1 else f"{nm}: {NO_CALIBRATION}")
+            continue
+        cal, meta = found
+        mismatch = _calibration_mismatch(nm, meta, o, run)
+        if mismatch:
+            notes.append(mismatch)
+        samples = draw_samples(run, src.af(rows), o.uncertainty_samples, sampler=o.sampler, steps=o.steps,
+                               eta=o.eta, seed=o.seed, progress=progress, key=f"uncertainty:{nm}")
+        if not cols:
+            if src.af is not None:
+                cols["AF (false colour)"] = viz.af_false_colour(src.af_norm(rows))
+            cols["target H&E"] = real_set.images[pick]
+        panel, record = interval_panel(samples, real_set.images[pick], cal, nm)
+        cols.update(panel)
+        records[nm] = {"calibration": str(run_dir / CALIBRATION_FILE), **record,
+                       "tiles": [real_set.names[i] for i in rows]}
+    return cols, records
+
+
+__all__ = ["EvaluateOptions", "EvaluateResult", "evaluate", "model_names", "grid_pick", "grid_columns",
+           "draw_samples", "interval_panel", "NO_CALIBRATION"]

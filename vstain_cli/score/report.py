@@ -1,0 +1,236 @@
+"""The self-contained HTML report of ``vstain score`` and the metric display rules.
+
+``write_report`` embeds every image as a base64 PNG (nothing is fetched), so a
+report can be mailed or archived as one file. Table rules (column order, the
+direction of better, decimals) live here and are shared with the CLI's table.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+#: Column order of the report/CLI table (the paper's Table 1 plus PSNR/SSIM).
+METRIC_ORDER = ("FID", "FSD", "L1", "L2", "PSNR", "SSIM")
+#: True when larger is better.
+HIGHER_IS_BETTER = {"FID": False, "FSD": False, "L1": False, "L2": False, "PSNR": True, "SSIM": True}
+
+
+def json_ready(obj: Any) -> Any:
+    """Results without numpy arrays (``per_image`` dropped), non-finite floats -> None."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items() if k != "per_image"}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def format_interval(m: Mapping[str, float] | None, digits: int = 1) -> str:
+    """``value [lo, hi]`` with ``digits`` decimals; '-' when absent."""
+    if not m:
+        return "-"
+
+    v = m["value"]
+    # Small nonzero values (e.g. FD on a weak feature net) keep 3 significant digits.
+    tiny = v is not None and math.isfinite(v) and v != 0 and abs(v) < 0.5 * 10**-digits
+
+    def f(x: float | None) -> str:
+        if x is None or not math.isfinite(x):
+            return "inf"
+        return f"{x:.3g}" if tiny else f"{x:.{digits}f}"
+
+    return f"{f(m['value'])} [{f(m['lo'])}, {f(m['hi'])}]"
+
+
+#: Decimals per metric in tables.
+DIGITS = {"FID": 1, "FSD": 1, "L1": 1, "L2": 1, "PSNR": 2, "SSIM": 3}
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.meta{color:#666;font-size:13px}
+table.metrics{border-collapse:collapse;font-size:14px}
+table.metrics th,table.metrics td{padding:6px 12px;border-bottom:1px solid #e4e4e4;text-align:right;white-space:nowrap}
+table.metrics th:first-child,table.metrics td:first-child{text-align:left}
+table.metrics thead th{border-bottom:2px solid #999}
+td .ci{color:#777;font-size:12px} td.best{font-weight:700;background:#eef6ee}
+table.grid{border-collapse:collapse} table.grid th{font-size:13px;font-weight:600;padding:2px 4px;text-align:center}
+table.grid td{padding:2px} table.grid td.rowname{font-size:11px;color:#777;text-align:right;padding-right:6px}
+table.grid img{display:block;width:128px;height:128px;image-rendering:pixelated}
+.warn{background:#fff6e0;border-left:4px solid #e0a000;padding:6px 10px;margin:4px 0;font-size:13px}
+.legend{font-size:11px;color:#555;display:flex;align-items:center;gap:4px;justify-content:center}
+.legend img{width:80px!important;height:10px!important}
+.note{font-size:12px;color:#666;max-width:900px}
+table.settings td{text-align:left!important;font-size:12px;padding:3px 12px}
+pre.note{white-space:pre-wrap}
+"""
+
+
+def _metrics_table(results: Mapping[str, Any]) -> str:
+    models = results.get("models", {})
+    cols = [m for m in METRIC_ORDER if any(m in r["metrics"] for r in models.values())]
+    best: dict[str, float] = {}
+    for c in cols:
+        vals = [r["metrics"][c]["value"] for r in models.values() if c in r["metrics"]]
+        vals = [v for v in vals if v is not None and math.isfinite(v)]
+        if vals:
+            best[c] = max(vals) if HIGHER_IS_BETTER[c] else min(vals)
+    arrow = {c: "&uarr;" if HIGHER_IS_BETTER[c] else "&darr;" for c in cols}
+    head = "".join(f"<th>{c} {arrow[c]}</th>" for c in cols)
+    rows = []
+    for name, r in models.items():
+        cells = [f"<td>{html.escape(name)}</td>"]
+        for c in cols:
+            m = r["metrics"].get(c)
+            if not m:
+                cells.append("<td>&ndash;</td>")
+                continue
+            d = DIGITS[c]
+            txt = format_interval(m, d)
+            val, ci = txt.split(" ", 1)
+            cls = ' class="best"' if len(models) > 1 and m["value"] == best.get(c) else ""
+            cells.append(f"<td{cls}>{val} <span class=ci>{ci}</span></td>")
+        cells.append(f"<td>{r['n']}{'' if r['paired'] else ' (unpaired)'}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f'<table class="metrics"><thead><tr><th>model</th>{head}<th>tiles</th></tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _image_table(columns: Mapping[str, np.ndarray], row_names: list[str] | None = None) -> str:
+    """Columns of (K, 3, H, W) uint8 images, or (K, H, W) scalar maps (viridis, shared scale)."""
+    from vstain_cli.io import images as viz
+
+    cols: dict[str, list[str]] = {}
+    legends: dict[str, str] = {}
+    k = None
+    for title, arr in columns.items():
+        a = np.asarray(arr)
+        if a.ndim == 3:  # scalar maps -> viridis with one scale per column
+            finite = a[np.isfinite(a)]
+            vmin = float(np.percentile(finite, 1)) if finite.size else 0.0
+            if finite.size and finite.min() >= 0:
+                vmin = 0.0  # magnitudes (interval widths): the scale starts at zero
+            vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+            a = viz.colormap(a, vmin, vmax)
+            bar = viz.colormap(np.tile(np.linspace(0, 1, 80), (6, 1)), 0.0, 1.0)
+            legends[title] = (
+                f'<div class="legend">{vmin:.3g}<img src="{viz.png_data_uri(bar)}" alt="">{vmax:.3g}</div>'
+            )
+        if a.ndim != 4 or a.shape[1] != 3 or a.dtype != np.uint8:
+            raise ValueError(f"report column {title!r}: need (K, 3, H, W) uint8 or (K, H, W) maps, got {a.shape} {a.dtype}")
+        k = len(a) if k is None else min(k, len(a))
+        cols[title] = [viz.png_data_uri(img) for img in a]
+    head = "".join(f"<th>{html.escape(t)}{legends.get(t, '')}</th>" for t in cols)
+    lead = "<th></th>" if row_names else ""
+    rows = []
+    for i in range(k or 0):
+        name = f'<td class="rowname">{html.escape(row_names[i])}</td>' if row_names else ""
+        cells = "".join(f'<td><img src="{cols[t][i]}" alt="{html.escape(t)} {i}"></td>' for t in cols)
+        rows.append(f"<tr>{name}{cells}</tr>")
+    return f'<table class="grid"><thead><tr>{lead}{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _settings_table(results: Mapping[str, Any]) -> str:
+    """Key settings and provenance as a small table; the full record in a <details>."""
+    rows = [(k, v) for k, v in results.get("settings", {}).items()]
+    prov = results.get("provenance") or {}
+    rows += [(k, prov[k]) for k in ("command", "created") if k in prov]
+    rows += [(k, v) for k, v in (prov.get("software") or {}).items()]
+    body = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+
+    full = html.escape(json.dumps(json_ready({k: v for k, v in results.items() if k != "models"}), indent=1))
+    return (
+        f'<table class="metrics settings"><tbody>{body}</tbody></table>'
+        f"<details><summary class=note>full record</summary><pre class=note>{full}</pre></details>"
+    )
+
+
+def _uncertainty_caption(results: Mapping[str, Any]) -> str:
+    """One line per model of ``results["uncertainty"]``: lambda, samples, coverage on the shown tiles."""
+    lines = []
+    for name, u in (results.get("uncertainty") or {}).items():
+        cov, nominal = u.get("coverage"), u.get("nominal_coverage")
+        cov_txt = "-" if cov is None else f"{100 * cov:.1f}%"
+        goal = "" if nominal is None else f" (calibrated for &ge; {100 * nominal:.0f}% on average)"
+        lines.append(
+            f"<b>{html.escape(name)}</b>: {u.get('samples', '?')} samples per tile; the per-pixel "
+            f"{100 * u.get('q_low', 0.05):g}-{100 * u.get('q_high', 0.95):g}% sample interval scaled by "
+            f"&lambda; = {u.get('lam', float('nan')):.3g} around the sample median "
+            f"({html.escape(str(u.get('calibration', '')))}). Real pixel values inside it on these "
+            f"{u.get('n', '?')} tiles: {cov_txt}{goal}; mean width {u.get('mean_width_255', float('nan')):.1f} "
+            "(0-255 RGB)."
+        )
+    lines.append(
+        "Columns: the AF input, the real H&amp;E, the mean of the samples, the lower and upper bounds of "
+        "the scaled interval, and its width (upper &minus; lower within 0-255, averaged over RGB) in viridis."
+    )
+    return "".join(f"<p class=note>{t}</p>" for t in lines)
+
+
+def write_report(
+    path: str | Path,
+    results: Mapping[str, Any],
+    grids: Mapping[str, np.ndarray] | None = None,
+    uncertainty: Mapping[str, np.ndarray] | None = None,
+    row_names: list[str] | None = None,
+    title: str = "vstain score",
+) -> Path:
+    """Write a self-contained report.html (images embedded as base64 PNG), atomically.
+
+    ``results``: the output of ``scoring.score_image_sets`` (plus ``notes``,
+    ``provenance`` and, for the uncertainty caption, ``uncertainty``: per model
+    ``lam``, ``samples``, ``coverage``, ... as ``evaluate`` records). ``grids``: Fig. 2-style
+    columns, e.g. {"AF (false colour)": ..., "target H&E": ..., model: ...}, each
+    (K, 3, H, W) uint8 (rows are tiles). ``uncertainty``: optional Fig. 3-style
+    columns (input images, lower/upper bound images as (K, 3, H, W) uint8, width
+    maps as (K, H, W) floats shown in viridis with their scale, from 0 when
+    non-negative).
+    """
+    from vstain_cli.provenance import atomic_output
+
+    path = Path(path)
+    settings = results.get("settings", {})
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<div class=meta>{results.get('n_real', '?')} real tiles of "
+        f"{'x'.join(str(s) for s in results.get('tile_size', []))} px &middot; "
+        f"95% percentile-bootstrap intervals over tiles ({settings.get('n_boot', '?')} resamples for means, "
+        f"{settings.get('fd_boot', '?')} for FD) &middot; seed {settings.get('seed', '?')} &middot; "
+        f"{html.escape(time.strftime('%Y-%m-%d %H:%M'))}</div>",
+        "<h2>Metrics</h2>",
+        _metrics_table(results),
+        "<p class=note>FID: Fréchet distance on InceptionV3 pool3 features (pytorch-fid weights and "
+        "preprocessing). FSD: Fréchet distance on StainNet features. L1: mean absolute error, L2: "
+        "root-mean-square error, both per pixel-channel on 0-255 RGB, averaged over tiles. PSNR in dB "
+        "(data range 255); SSIM with a 7x7 window. Arrows: direction of better; shaded: best per column. "
+        "Definitions: docs/metrics.md.</p>",
+    ]
+    for w in results.get("warnings", []):
+        parts.append(f"<div class=warn>{html.escape(w)}</div>")
+    for note in results.get("notes", []):
+        parts.append(f"<p class=note>{html.escape(note)}</p>")
+    if grids:
+        parts += ["<h2>Examples</h2>", _image_table(grids, row_names)]
+    if uncertainty:
+        parts += ["<h2>Uncertainty</h2>", _image_table(uncertainty, row_names), _uncertainty_caption(results)]
+    parts += ["<h2>Settings</h2>", _settings_table(results), "</body></html>"]
+    with atomic_output(path) as tmp:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+    return path

@@ -1,0 +1,439 @@
+"""Scoring primitives of ``vstain score``: load image sets, compute FSD/FID/L1/L2/PSNR/SSIM.
+
+Image sets are uint8 RGB arrays (N, 3, H, W) with one name per tile; fakes pair
+with the real set by name. Feature extractors are callables uint8 batch ->
+features (N, D) (StainNet's penultimate layer for FSD, InceptionV3 pool3 for FID).
+Definitions: docs/metrics.md. No typer/rich here; progress through ``Progress``.
+The orchestration (``vstain score`` end to end) is ``vstain_cli.score.pipeline``; the
+HTML report is ``vstain_cli.score.report``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from vstain_cli import seeding
+from vstain_cli.errors import InputError
+from vstain_cli.progress import NullProgress, Progress
+from vstain_cli.score import metrics
+
+# Display rules and the HTML writer live in vstain_cli.score.report; re-exported for callers.
+from vstain_cli.score.report import DIGITS, HIGHER_IS_BETTER, METRIC_ORDER, format_interval, json_ready, write_report  # noqa: F401
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+FeatureFn = Callable[[np.ndarray], Any]
+
+
+@dataclass
+class ImageSet:
+    """A set of uint8 RGB tiles (N, 3, H, W) with a name per tile."""
+
+    images: np.ndarray
+    names: list[str]
+    source: str
+    #: For a dataset split: row indices -> raw AF (k, C, H, W) in the source dtype.
+    af: Callable[[list[int]], np.ndarray] | None = None
+    #: The dataset's AF normalisation (per-channel low/high), with ``af``.
+    af_range: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def af_norm(self, rows: list[int]) -> np.ndarray:
+        """AF of ``rows`` normalised to [-1, 1] with the dataset's statistics."""
+        from vstain_cli.data.store import normalize_af
+
+        if self.af is None or self.af_range is None:
+            raise InputError("this image set has no AF (give a dataset folder)", self.source)
+        return normalize_af(self.af(rows), *self.af_range)
+
+    def take(self, idx: np.ndarray | list[int]) -> "ImageSet":
+        """The tiles at ``idx`` (in that order)."""
+        idx = [int(i) for i in idx]
+        af = None
+        if self.af is not None:
+            base = self.af
+            af = lambda rows: base([idx[r] for r in rows])  # noqa: E731
+        images = np.ascontiguousarray(self.images[idx])
+        return ImageSet(images, [self.names[i] for i in idx], self.source, af, self.af_range)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _as_nchw_uint8(a: np.ndarray, path: Path) -> np.ndarray:
+    if a.dtype != np.uint8:
+        raise InputError(f"images must be uint8 RGB (0-255), got dtype {a.dtype}", path)
+    if a.ndim == 4 and a.shape[1] == 3:
+        return a
+    if a.ndim == 4 and a.shape[3] == 3:
+        return a.transpose(0, 3, 1, 2)
+    raise InputError(f"expected an array of shape (N, 3, H, W) or (N, H, W, 3), got {a.shape}", path)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One RGB tile -> (3, H, W) uint8 (PNG/JPEG with Pillow, TIFF with tifffile)."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            a = tifffile.imread(path)
+            if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
+                a = a.transpose(1, 2, 0)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                if im.mode in ("P", "RGBA", "LA"):
+                    im = im.convert("RGB")
+                a = np.asarray(im)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input file
+        raise InputError(f"cannot read image ({type(e).__name__}: {e})", path) from None
+    if a.dtype != np.uint8:
+        raise InputError(f"image must be 8-bit RGB, got dtype {a.dtype}", path)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise InputError(f"image must be RGB, got shape {a.shape}", path)
+    return a[..., :3].transpose(2, 0, 1)
+
+
+def _load_folder(folder: Path, progress: Progress) -> ImageSet:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise InputError(f"no image tiles ({', '.join(IMAGE_SUFFIXES)}) in folder", folder)
+    names = [p.stem for p in files]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"two tiles share the name {dup!r} (tiles pair by file name)", folder)
+    first = _read_image(files[0])
+    out = np.empty((len(files), *first.shape), np.uint8)
+    out[0] = first
+    progress.start("load", f"reading {folder.name}", len(files))
+    progress.advance("load")
+    for i, p in enumerate(files[1:], 1):
+        a = _read_image(p)
+        if a.shape != first.shape:
+            raise InputError(
+                f"tile size {a.shape[2]}x{a.shape[1]} differs from {files[0].name} "
+                f"({first.shape[2]}x{first.shape[1]}); all tiles must have one size",
+                p,
+            )
+        out[i] = a
+        progress.advance("load")
+    progress.finish("load")
+    return ImageSet(out, names, str(folder))
+
+
+def _load_dataset(root: Path, split: str) -> ImageSet:
+    from vstain_cli.data import store as ds
+
+    info = ds.open_dataset(root)
+    if split not in ds.SPLITS:
+        raise InputError(f"unknown split {split!r} (choose from {', '.join(ds.SPLITS)})", root)
+    keys = info.patch_keys(split)
+    if not keys:
+        raise InputError(f"dataset has no {split!r} tiles", root)
+    he = np.concatenate([np.asarray(info.arrays(s)[1]) for s in info.slide_ids(split)])
+    names = [f"{s}_{r:06d}" for s, r in keys]
+
+    def af(rows: list[int]) -> np.ndarray:
+        return np.stack([info.arrays(keys[i][0])[0][keys[i][1]] for i in rows])
+
+    return ImageSet(he, names, f"{root}:{split}", af, (info.af_low, info.af_high))
+
+
+def load_images(path: str | Path, split: str = "test", progress: Progress | None = None) -> ImageSet:
+    """Load tiles from a folder of PNG/JPEG/TIFF (sorted by name; the stem is the
+    tile's name), a ``.npy`` array (N, 3, H, W) or (N, H, W, 3) uint8 (names are
+    row numbers), or a ``vstain tile`` dataset folder's ``split``."""
+    path = Path(path)
+    progress = progress or NullProgress()
+    if not path.exists():
+        raise InputError("image set not found (a folder of tiles, a .npy array or a dataset folder)", path)
+    if path.is_dir():
+        if (path / "dataset.json").is_file():
+            return _load_dataset(path, split)
+        return _load_folder(path, progress)
+    if path.suffix.lower() == ".npy":
+        try:
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read .npy array ({e})", path) from None
+        a = np.ascontiguousarray(_as_nchw_uint8(a, path))
+        if len(a) == 0:
+            raise InputError("array holds no tiles", path)
+        return ImageSet(a, [f"{i:06d}" for i in range(len(a))], str(path))
+    raise InputError("not an image set: give a folder of PNG/JPEG/TIFF tiles, a .npy array or a dataset folder", path)
+
+
+def pair_with_real(real: ImageSet, fake: ImageSet, progress: Progress | None = None) -> tuple[ImageSet, bool]:
+    """Order ``fake`` like ``real`` by tile name; returns (fake, paired).
+
+    Same names -> paired by name. No common name and equal N -> paired by sorted
+    order (with a warning). No common name and different N -> unpaired (FD only).
+    A partial name overlap or a different tile size is an InputError.
+    """
+    progress = progress or NullProgress()
+    if real.images.shape[2:] != fake.images.shape[2:]:
+        rh, rw = real.images.shape[2:]
+        fh, fw = fake.images.shape[2:]
+        raise InputError(f"fake tiles are {fw}x{fh} but real tiles are {rw}x{rh}; score tiles of one size", fake.source)
+    pos = {n: i for i, n in enumerate(fake.names)}
+    common = [n for n in real.names if n in pos]
+    if len(common) == len(real) == len(fake):
+        return fake.take([pos[n] for n in real.names]), True
+    if common:
+        missing = next((n for n in real.names if n not in pos), None)
+        extra = next((n for n in fake.names if n not in set(real.names)), None)
+        what = f"no fake tile for real tile {missing!r}" if missing else f"fake tile {extra!r} has no real tile"
+        raise InputError(
+            f"{len(fake)} fake tiles vs {len(real)} real tiles, {len(common)} names in common: {what}",
+            fake.source,
+        )
+    if len(real) == len(fake):
+        progress.warn(f"{fake.source}: no tile names match the real set; pairing tiles by sorted order")
+        return fake, True
+    progress.warn(
+        f"{fake.source}: {len(fake)} tiles vs {len(real)} real tiles and no names in common: "
+        "unpaired, so L1/L2/PSNR/SSIM are skipped (FD only)"
+    )
+    return fake, False
+
+
+def select_tiles(n_total: int, n: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of ``n`` of ``n_total`` tiles (all if None)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    if n < 2:
+        raise InputError(f"--n must be at least 2, got {n}")
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
+
+
+# ---------------------------------------------------------------- features
+
+
+def extract_features(
+    images: np.ndarray, fn: FeatureFn, batch_size: int = 64, progress: Progress | None = None, label: str = ""
+) -> np.ndarray:
+    """Apply a feature extractor to uint8 (N, 3, H, W) in batches -> float64 (N, D)."""
+    progress = progress or NullProgress()
+    key = f"features:{label}"
+    progress.start(key, f"features {label}", len(images))
+    out = []
+    for s in range(0, len(images), batch_size):
+        f = fn(np.ascontiguousarray(images[s : s + batch_size]))
+        if hasattr(f, "detach"):
+            f = f.detach().cpu().numpy()
+        f = np.asarray(f, np.float64).reshape(min(batch_size, len(images) - s), -1)
+        out.append(f)
+        progress.advance(key, len(f))
+    progress.finish(key)
+    feats = np.concatenate(out)
+    if not np.isfinite(feats).all():
+        raise InputError(f"{label} features contain NaN/inf (a broken feature network?)")
+    return feats
+
+
+def resolve_device(device: str) -> str:
+    """A device name for feature networks, by the one rule (vstain_cli.runtime); InputError when unusable."""
+    from vstain_cli.runtime import resolve_device as resolve
+
+    try:
+        return str(resolve(device))
+    except ValueError as e:
+        raise InputError(f"--device: {e}") from None
+
+
+def inception_extractor(weights: str | Path, device: str = "auto") -> FeatureFn:
+    """FID features: pytorch-fid's InceptionV3 pool3 (N, 2048) from a weights file."""
+    import torch
+
+    from vstain_cli.nets.inception import load_fid_inception
+
+    model = load_fid_inception(weights, resolve_device(device))
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        return model.features_uint8(torch.from_numpy(batch)).cpu().numpy()
+
+    return fn
+
+
+def stainnet_extractor(run_dir: str | Path, device: str = "auto") -> FeatureFn:
+    """FSD features: a trained StainNet run's penultimate layer ``features(x)``.
+
+    The run is opened with ``vstain_cli.infer.run.load_run``; tiles enter as float
+    (N, 3, H, W) in [-1, 1] (``dataset.he_to_unit``), as StainNet was trained.
+    """
+    import torch
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError("StainNet run folder not found (train one with `vstain train --preset stainnet`)", run_dir)
+    from vstain_cli.infer.run import load_run
+
+    run = load_run(run_dir, resolve_device(device))
+    model = run.model
+    if run.kind != "stainnet" or not hasattr(model, "features"):
+        raise InputError(f"this is a {run.kind} run, not a StainNet (give it with --model)", run_dir)
+
+    @torch.no_grad()
+    def fn(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(run.device).float() / 127.5 - 1.0
+        return model.features(x).float().cpu().numpy()
+
+    return fn
+
+
+def sample_run_tiles(
+    run_dir: str | Path,
+    real: ImageSet,
+    device: str = "auto",
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Stain the AF of ``real``'s tiles with a trained run -> uint8 (N, 3, H, W).
+
+    Every model sees the same tiles in the same batches, and batch ``b`` draws its
+    noise from a generator seeded with ``derive_seed(seed, SCORE_TILES, b)``: the same noise for
+    every diffusion run at a given seed. AF is normalised with the run's own
+    training statistics (``Run.normalize``).
+    """
+    import torch
+
+    from vstain_cli.data.store import unit_to_he
+    from vstain_cli.infer.run import load_run
+
+    progress = progress or NullProgress()
+    run_dir = Path(run_dir)
+    if real.af is None:
+        raise InputError("--model needs AF tiles: give the dataset folder with --data (or as --real)", real.source)
+    run = load_run(run_dir, resolve_device(device))
+    if run.kind == "stainnet":
+        raise InputError("a StainNet run classifies H&E; pass it with --stainnet, not --model", run_dir)
+    out = np.empty_like(real.images)
+    key = f"sample:{run_dir.name}"
+    progress.start(key, f"staining with {run_dir.name}", len(real))
+    for b, s in enumerate(range(0, len(real), batch_size)):
+        rows = list(range(s, min(s + batch_size, len(real))))
+        af = torch.from_numpy(run.normalize(real.af(rows))).to(run.device)
+        g = seeding.torch_generator(seeding.derive_seed(seed, seeding.SCORE_TILES, b), run.device)
+        try:
+            x = run.translate(af, sampler=sampler, steps=steps, eta=eta, generator=g)
+        except ValueError as e:  # e.g. steps > T
+            raise InputError(f"{run_dir}: {e}") from None
+        out[s : s + len(rows)] = unit_to_he(x.float().cpu().numpy())
+        progress.advance(key, len(rows))
+    progress.finish(key)
+    return out
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _interval(mean: float, lo: float, hi: float) -> dict[str, float]:
+    return {"value": mean, "lo": lo, "hi": hi}
+
+
+def score_image_sets(
+    real: np.ndarray,
+    fakes: Mapping[str, np.ndarray],
+    feature_extractors: Mapping[str, FeatureFn] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    fd_boot: int = 100,
+    paired: Mapping[str, bool] | None = None,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    fd_device: str | None = None,
+) -> dict[str, Any]:
+    """Score fake sets against a real set; 95% bootstrap intervals on every metric.
+
+    ``feature_extractors`` maps a metric name ("FSD", "FID") to a callable uint8
+    (B, 3, H, W) -> (B, D); the FD of each fake set to the real set is computed in
+    its feature space. Paired distortion (L1, L2, PSNR, SSIM) is computed for fakes
+    that are paired with ``real`` (``paired[name]``; default: same shape). The
+    same bootstrap seed is used for every model; ``fd_device`` (e.g. "cuda") runs
+    the FD bootstrap in torch float64 there. Returns a JSON-ready ``summary``
+    part (``models``, ``warnings``, ``settings``) and ``per_image`` numpy arrays.
+    """
+    progress = progress or NullProgress()
+    real = np.asarray(real)
+    feature_extractors = dict(feature_extractors or {})
+    warnings: list[str] = []
+    for name, arr in [("real", real), *fakes.items()]:
+        a = np.asarray(arr)
+        if a.ndim != 4 or a.shape[1] != 3 or a.dtype != np.uint8:
+            raise InputError(f"{name}: need uint8 RGB tiles (N, 3, H, W), got {a.dtype} {a.shape}")
+        if feature_extractors and len(a) < 2:
+            raise InputError(f"{name}: a Fréchet distance needs at least 2 tiles, got {len(a)}")
+
+    def warn(msg: str) -> None:
+        if msg not in warnings:
+            warnings.append(msg)
+            progress.warn(msg)
+
+    real_feats = {k: extract_features(real, fn, batch_size, progress, f"{k} real") for k, fn in feature_extractors.items()}
+    models: dict[str, Any] = {}
+    per_image: dict[str, dict[str, np.ndarray]] = {}
+    for name, fake in fakes.items():
+        fake = np.asarray(fake)
+        is_paired = (paired or {}).get(name, fake.shape == real.shape)
+        if is_paired and fake.shape != real.shape:
+            raise InputError(f"model {name!r}: {fake.shape} fake vs {real.shape} real images cannot be paired")
+        res: dict[str, Any] = {"n": len(fake), "paired": bool(is_paired), "metrics": {}}
+        for k, fn in feature_extractors.items():
+            ff = extract_features(fake, fn, batch_size, progress, f"{k} {name}")
+            fd = metrics.fd_from_features(real_feats[k], ff, what=f"{k} features")
+            if fd.warning:
+                warn(f"{k}: {fd.warning}")
+            key = f"boot:{k}:{name}"
+            progress.start(key, f"{k} bootstrap {name}", fd_boot)
+            lo, hi = metrics.fd_bootstrap(
+                real_feats[k], ff, fd_boot, seed, paired=is_paired, device=fd_device,
+                callback=lambda key=key: progress.advance(key),
+            )
+            progress.finish(key)
+            res["metrics"][k] = _interval(fd.value, lo, hi)
+        if is_paired:
+            per_image[name] = {}
+            progress.start(f"dist:{name}", f"L1/L2/PSNR/SSIM {name}", len(metrics.DISTORTION))
+            for k, fn in metrics.DISTORTION.items():
+                try:
+                    v = fn(real, fake)
+                except ValueError as e:
+                    raise InputError(f"model {name!r}: {e}") from None
+                per_image[name][k] = v
+                res["metrics"][k] = _interval(*metrics.bootstrap_ci(v, n_boot, seed))
+                progress.advance(f"dist:{name}")
+            progress.finish(f"dist:{name}")
+            if np.isinf(per_image[name]["PSNR"]).any():
+                warn(f"{name}: {int(np.isinf(per_image[name]['PSNR']).sum())} tiles equal their real tile (PSNR = inf)")
+        models[name] = res
+    return {
+        "n_real": int(len(real)),
+        "tile_size": [int(real.shape[2]), int(real.shape[3])],
+        "models": models,
+        "warnings": warnings,
+        "settings": {"n_boot": n_boot, "fd_boot": fd_boot, "seed": seed, "level": 0.95},
+        "per_image": per_image,
+    }
+
+
+def write_per_image_csv(path: str | Path, results: Mapping[str, Any], names: list[str]) -> None:
+    """One row per (model, tile) with the paired distortion metrics (atomic write)."""
+    from vstain_cli.provenance import atomic_output
+
+    keys = list(metrics.DISTORTION)
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        f.write(",".join(["model", "tile", *keys]) + "\n")
+        for model, vals in results.get("per_image", {}).items():
+            for i, n in enumerate(names):
+                f.write(",".join([model, n, *(f"{vals[k][i]:.6g}" for k in keys)]) + "\n")
