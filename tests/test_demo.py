@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import openslide
+import pytest
 import tifffile
-
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", str(out), "--slides", "4", "--size", "256", "256", "--channels", "4", "--tile", "32",
@@ -42,6 +43,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert "vstain score" in proc.stdout  # the summary table again
 
 
+@pytest.mark.slow
 def test_demo_refuses_to_delete_a_foreign_folder(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     proc = run_cli("demo", str(tmp_path), "--force")

@@ -12,15 +12,15 @@ import numpy as np
 import openslide
 import pytest
 import torch
+from conftest import REPO, assert_one_error_line, run_cli
 from torch import nn
 
-from conftest import REPO, assert_one_error_line, run_cli
-from vstain_cli.config import load_preset
 from vstain_cli.diffusion.schedule import Schedule
+from vstain_cli.infer.run import Run
+from vstain_cli.infer.stain import StainOptions, stain_slide
 from vstain_cli.io.slides import TiffSlide
 from vstain_cli.io.tiff import write_pyramid
-from vstain_cli.runs import Run
-from vstain_cli.stain import StainOptions, stain_slide
+from vstain_cli.train.presets import load_preset
 
 CHANNELS = 4
 
@@ -90,7 +90,7 @@ def test_identity_model_reproduces_its_input_without_seams(tmp_path, kind, regio
     got = _read(out)
     want = _expected(af, run)
     with TiffSlide(af) as s:
-        from vstain_cli.stain import SlideMask
+        from vstain_cli.io.masks import SlideMask
 
         m = SlideMask(s, 32)
         tissue = m.box(0, s.height, 0, s.width)
@@ -123,7 +123,8 @@ def micro_run(tmp_path_factory):
     """A real diffusion run (micro preset, 2 steps) on a tiny 4-channel dataset."""
     from conftest import make_tiny_dataset
     from train_helpers import micro
-    from vstain_cli.training import train
+
+    from vstain_cli.train.loop import train
 
     root = tmp_path_factory.mktemp("micro")
     data = make_tiny_dataset(root / "dataset", channels=CHANNELS)
@@ -143,6 +144,7 @@ def test_same_seed_same_slide_bit_for_bit(tmp_path, micro_run):
     assert not np.array_equal(_read(a), _read(c))
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_equals_one_process(tmp_path, micro_run):
     af = _af_slide(tmp_path / "af.tif", 200, 260)
     one = tmp_path / "one.tif"

@@ -10,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from train_helpers import micro_dict, write_preset
 from typer.testing import CliRunner
 
 from vstain_cli.cli.main import app
-from vstain_cli.rundir import read_metrics
-
-from train_helpers import micro_dict, write_preset
+from vstain_cli.train.run_folder import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,7 @@ def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_continues_from_checkpoint(tiny_dataset, tmp_path):
     preset = write_preset(tmp_path / "micro.toml", micro_dict(
         "tiny-diffusion", train={"checkpoint_every": 3, "val_every": 1000, "log_every": 1, "sample_count": 0}))
@@ -116,6 +117,7 @@ def test_kill_9_then_resume_continues_from_checkpoint(tiny_dataset, tmp_path):
     assert torch.load(out / "state.pt", weights_only=True)["step"] == k + 2
 
 
+@pytest.mark.slow
 def test_torchrun_two_process_gloo(tiny_dataset, tmp_path):
     preset = write_preset(tmp_path / "micro.toml", micro_dict("tiny-diffusion"))
     out = tmp_path / "ddp"
