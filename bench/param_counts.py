@@ -3,15 +3,39 @@
 Usage: python bench/param_counts.py [--channels 26]
 
 The counts depend on the AF channel count only through the first conv (and the
-conditional discriminator); the paper has 26 channels.
+conditional discriminator); the paper has 26 channels. The UNet column is read off
+the built network: down blocks x residual layers, and every attention layer as
+resolution x heads, at 128 px tiles for the paper presets and 32 px for tiny-*.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from vstain_cli.nets.unet import Attention, UNet
 from vstain_cli.train.networks import build_discriminators, build_network, cond_channels, count_parameters
 from vstain_cli.train.presets import list_presets, load_preset
+
+
+def attention_layers(net: UNet, tile: int) -> list[tuple[int, int]]:
+    """(resolution in px, heads) of every attention layer, down path, middle, up path."""
+    n = net.levels
+    at = [(i, b.attn) for i, b in enumerate(net.down)] + [(n, net.mid_attn)]
+    at += [(n - 1 - j, b.attn) for j, b in enumerate(net.up)]
+    return [(tile >> i, a.heads) for i, a in at if isinstance(a, Attention)]
+
+
+def unet_summary(net: UNet, tile: int) -> str:
+    """'6 down blocks x 2 res, base 64 x [...]; 1 attention layer (1-head) at 16 px' for a UNet."""
+    res = len(net.down[0].res)
+    att = attention_layers(net, tile)
+    heads = sorted({h for _, h in att})
+    where = ", ".join(str(r) for r, _ in att)
+    att_s = f"{len(att)} attention layer{'s' if len(att) != 1 else ''}" + (
+        f" ({'/'.join(map(str, heads))}-head) at {where} px" if att else ""
+    )
+    mults = [b.res[0].conv1.out_channels // net.base for b in net.down]
+    return f"{net.levels} down blocks x {res} res, base {net.base} x {mults}; {att_s}"
 
 
 def rows(channels: int) -> list[tuple[str, str, str, str, str]]:
@@ -19,7 +43,8 @@ def rows(channels: int) -> list[tuple[str, str, str, str, str]]:
     out = []
     for name in list_presets():
         p = load_preset(name)
-        n = count_parameters(build_network(p, channels))
+        net = build_network(p, channels)
+        n = count_parameters(net)
         if p.kind == "stainnet":
             inputs = "3 (H&E RGB)"
         elif p.kind == "diffusion":
@@ -35,10 +60,10 @@ def rows(channels: int) -> list[tuple[str, str, str, str, str]]:
         if p.kind == "stainnet":
             s = p.stainnet
             note = f"{s.depth} conv blocks from {s.base_channels} ch, {s.feature_dim}-d features, {s.n_classes} classes"
-        if p.model is not None:
-            m = p.model
-            att = f"attn levels {m.attention_levels} x{m.attention_heads}h" + (" + mid" if m.mid_attention else "")
-            note = f"base {m.base_channels} x {m.channel_mults}, {att}" + (f"; {note}" if note else "")
+        if isinstance(net, UNet):
+            tile = 32 if name.startswith("tiny-") else 128
+            time = "" if net.time_mlp is not None else "; no time input"
+            note = unet_summary(net, tile) + time + (f"; {note}" if note else "")
         out.append((name, p.kind, inputs, f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k", note))
     return out
 

@@ -12,6 +12,7 @@ from vstain_cli.diffusion.denoiser import Denoiser, to_x0_eps, training_target
 from vstain_cli.diffusion.losses import diffusion_loss, pixel_loss
 from vstain_cli.diffusion.prior import empty_prior, random_rect_prior
 from vstain_cli.diffusion.schedule import Schedule, make_betas
+from vstain_cli.train.presets import load_preset
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "cosine-beta"])
@@ -30,12 +31,33 @@ def test_schedule_end_points():
     cb = make_betas("cosine-beta", 1000)
     assert cb[0] == pytest.approx(1e-4) and cb[-1] == pytest.approx(0.02)
     assert np.all(np.diff(cb) >= 0) and cb[100] < lin[100]  # slower start than linear
-    # Nichol & Dhariwal: abar(t) = cos^2(((t/T + s)/(1+s)) pi/2) / cos^2(s/(1+s) pi/2)
-    cos = Schedule.make("cosine", 1000).alphas_cumprod
-    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    assert cos[499] == pytest.approx(f(500) / f(0), rel=1e-9)
     with pytest.raises(ValueError, match="unknown schedule"):
         make_betas("quadratic", 10)
+
+
+@pytest.mark.parametrize("T", [1000, 50])
+def test_cosine_is_nichol_dhariwal_closed_form(T):
+    # Nichol & Dhariwal 2021 eq. 17: abar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1+s)) pi/2), s = 0.008,
+    # beta_t = 1 - abar(t)/abar(t-1) clipped at 0.999. Our t is 0-based: abar_t = abar(t + 1).
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    s = Schedule.make("cosine", T, beta_start=0.3, beta_end=0.4)  # the beta range plays no part
+    closed = np.array([f(t + 1) / f(0) for t in range(T)])
+    raw = 1 - closed / np.concatenate([[1.0], closed[:-1]])
+    assert np.all(s.betas <= 0.999) and s.betas[-1] == 0.999 and raw[-1] > 0.999
+    np.testing.assert_allclose(s.betas[:-1], raw[:-1], rtol=1e-9, atol=0)
+    np.testing.assert_allclose(s.alphas_cumprod[:-1], closed[:-1], rtol=1e-9, atol=0)
+    assert s.alphas_cumprod[-1] == pytest.approx(closed[-2] * 0.001, rel=1e-9)
+
+
+def test_schedules_at_mid_chain_and_paper_presets():
+    # docs/models.md (bench/schedules.py): abar at t = 500 of the three readings of the paper's sentence
+    abar = {n: Schedule.make(n, 1000).alphas_cumprod[500] for n in ("cosine", "linear", "cosine-beta")}
+    assert abar["cosine"] == pytest.approx(0.492, abs=1e-3)
+    assert abar["linear"] == pytest.approx(0.078, abs=1e-3)
+    assert abar["cosine-beta"] == pytest.approx(0.154, abs=1e-3)
+    for name in ("diffusion-b", "diffusion-l", "diffusion-br"):
+        sched = load_preset(name).diffusion.build_schedule()
+        np.testing.assert_array_equal(sched.betas, Schedule.make("cosine", 1000).betas)
 
 
 def test_q_sample_statistics():

@@ -7,7 +7,7 @@ import torch
 
 from vstain_cli.nets.discriminator import PatchDiscriminator
 from vstain_cli.nets.stainnet import StainNet
-from vstain_cli.nets.unet import Attention, UNet, timestep_embedding
+from vstain_cli.nets.unet import Attention, ResBlock, UNet, timestep_embedding
 
 torch.set_num_threads(1)
 
@@ -92,11 +92,68 @@ def test_channels_last_same_result():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_paper_size_parameter_count():
-    # Base 64, mults 1,1,2,2,4,4, 2-head attention at 16/8/4 + middle: ~30M (paper-size UNet ~31M).
-    net = UNet(26 + 3, 3, 64, (1, 1, 2, 2, 4, 4), 2, (3, 4, 5), 2, mid_attention=True)
-    n = sum(p.numel() for p in net.parameters())
-    assert 29e6 < n < 32e6
+def _trace(net, size, t=True):
+    """Forward a (1, C, size, size) input; the spatial size every module of interest saw."""
+    seen = {"down": [], "res": [], "mid": [], "up": [], "attn": []}
+    hooks = []
+    for blk in net.down:
+        hooks.append(blk.down.register_forward_hook(lambda m, i, o: seen["down"].append(o.shape[-1])))
+    for blk in net.up:
+        hooks.append(blk.up.register_forward_hook(lambda m, i, o: seen["up"].append(o.shape[-1])))
+    hooks.append(net.mid1.register_forward_hook(lambda m, i, o: seen["mid"].append(o.shape[-1])))
+    for m in net.modules():
+        if isinstance(m, ResBlock):
+            hooks.append(m.register_forward_hook(lambda m, i, o: seen["res"].append(o.shape[-1])))
+        if isinstance(m, Attention):
+            hooks.append(m.register_forward_hook(lambda m, i, o: seen["attn"].append((o.shape[-1], m.heads))))
+    x = torch.randn(1, net.in_channels, size, size)
+    with torch.no_grad():
+        out = net(x, torch.tensor([10.0]) if t else None)
+    for h in hooks:
+        h.remove()
+    assert out.shape == (1, 3, size, size)
+    return seen
+
+
+def test_sec41_layout_six_down_and_six_up_blocks():
+    # Sec. 4.1: six down blocks (two residual layers + a downsampling conv each), six mirrored
+    # up blocks with skip connections, the time embedding in every residual block.
+    net = small(in_channels=5, channel_mults=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_levels=(3,),
+                attention_heads=1)
+    assert len(net.down) == 6 and len(net.up) == 6 and net.multiple == 64
+    for blk in net.down:
+        assert len(blk.res) == 2 and blk.down.stride == (2, 2) and blk.down.kernel_size == (3, 3)
+    assert all(len(blk.res) == 2 for blk in net.up)
+    res = [m for m in net.modules() if isinstance(m, ResBlock)]
+    assert len(res) == 6 * 2 + 2 + 6 * 2 and all(r.temb is not None for r in res)
+    seen = _trace(net, 128)
+    assert seen["down"] == [64, 32, 16, 8, 4, 2] and seen["mid"] == [2] and seen["up"] == [4, 8, 16, 32, 64, 128]
+    sizes = [128, 64, 32, 16, 8, 4, 2]  # down blocks, middle, then the up blocks back to 128
+    assert seen["res"] == [r for r in sizes + sizes[-2::-1] for _ in range(2)]
+    assert seen["attn"] == [(16, 1)]  # exactly one layer, in the down block at 16x16
+    # mirrored skips: up residual layer j takes (h, output of down residual layer 1 - j)
+    for d, u in zip(net.down, reversed(net.up), strict=True):
+        assert u.res[0].conv1.in_channels == u.up.out_channels + d.res[1].conv1.out_channels
+        assert u.res[1].conv1.in_channels == u.res[0].conv1.out_channels + d.res[0].conv1.out_channels
+
+
+def test_attention_placement_levels_middle_and_up():
+    net = small(channel_mults=(1, 2, 2), attention_levels=(0, 3), attention_heads=2, attention_up=True)
+    seen = _trace(net, 32)
+    # level 0 in the down block, the middle (level 3 = 4 px), level 0 again in the mirrored up block
+    assert seen["attn"] == [(32, 2), (4, 2), (32, 2)]
+    assert isinstance(net.mid_attn, Attention)
+    with pytest.raises(ValueError, match="attention_levels"):
+        small(channel_mults=(1, 2), attention_levels=(3,))
+
+
+def test_regression_backbone_is_the_same_without_time():
+    kw = dict(in_channels=4, channel_mults=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_levels=(3,),
+              attention_heads=1)
+    diff, reg = small(**kw), small(time_embedding=False, **kw)
+    names = lambda n: {k for k, _ in n.named_parameters() if "temb" not in k and "time_mlp" not in k}  # noqa: E731
+    assert names(diff) == names(reg) and reg.time_mlp is None
+    assert _trace(reg, 128, t=False)["attn"] == [(16, 1)]
 
 
 def test_patch_discriminator_and_stainnet():

@@ -1,15 +1,22 @@
 """The UNet of the paper: diffusion denoiser, regression baseline, pix2pix generator.
 
-Architecture (Sridhar et al. 2023, after Ho et al. 2020 / Saharia et al. 2022):
-``len(channel_mults)`` levels; each down level has ``num_res_blocks`` residual
-blocks (timestep embedding added in every one) and a strided downsampling conv
-(except the deepest level); a middle block; mirrored up levels that concatenate
-the skip of every down block. Optional multi-head self-attention
-(``F.scaled_dot_product_attention``) after each residual block of chosen levels.
+Sridhar et al. 2023, sec. 4.1: ``len(channel_mults)`` **down blocks**, each
+``num_res_blocks`` residual layers and a strided downsampling convolution; a
+middle block at the bottleneck; as many **up blocks**, mirrored (an upsampling
+convolution and ``num_res_blocks`` residual layers, each fed the skip of its
+mirror residual layer in the down block); the timestep embedding is added in
+every residual block.
 
-Level ``i`` runs at 1/2**i of the input size (at 128 px tiles: 128, 64, 32, 16,
-8, 4 for six levels). Inputs of any size are padded to a multiple of
-2**(levels - 1) and the output cropped back, so whole-slide canvases work too.
+Resolutions ("levels"): down block ``i`` runs at ``tile / 2**i`` and hands
+``tile / 2**(i + 1)`` on; level ``n = len(channel_mults)`` is the middle block.
+At 128 px with six down blocks: 128, 64, 32, 16, 8, 4 and the middle at 2.
+``attention_levels`` lists the levels that get one global multi-head
+self-attention layer (``F.scaled_dot_product_attention``): in the down block
+after its residual layers, in the middle block between its two residual layers,
+and with ``attention_up`` also after the residual layers of the mirrored up block.
+
+Inputs of any size are padded to a multiple of ``2**n`` and the output cropped
+back, so whole-slide canvases work too.
 """
 
 from __future__ import annotations
@@ -64,7 +71,12 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Global multi-head self-attention over all pixels, residual, zero-initialised out."""
+    """Global multi-head self-attention over all pixels, residual, zero-initialised out.
+
+    Runs through ``F.scaled_dot_product_attention``, whose fused flash /
+    memory-efficient kernels never materialise the (HW x HW) weight matrix, so
+    64x64 maps (4,096 tokens) fit in GPU memory at training batch sizes.
+    """
 
     def __init__(self, channels: int, heads: int):
         super().__init__()
@@ -80,19 +92,32 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, d)
-        a = F.scaled_dot_product_attention(q, k, v)  # softmax(QK^T/sqrt(d)) V, fused kernel
+        # (3, B, heads, HW, d), contiguous: the layout the fused kernels take without copies
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)  # softmax(QK^T / sqrt(d)) V
         a = a.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.out(a)
 
 
-class Level(nn.Module):
-    """Residual blocks (each optionally followed by attention) of one resolution."""
+class DownBlock(nn.Module):
+    """Residual layers at one resolution, [attention], a stride-2 3x3 downsampling conv."""
 
-    def __init__(self, cins: list[int], cout: int, temb_dim: int | None, dropout: float, heads: int | None):
+    def __init__(self, cin: int, cout: int, n_res: int, temb_dim: int | None, dropout: float, heads: int | None):
         super().__init__()
-        self.res = nn.ModuleList(ResBlock(c, cout, temb_dim, dropout) for c in cins)
-        self.attn = nn.ModuleList(Attention(cout, heads) if heads else nn.Identity() for _ in cins)
+        self.res = nn.ModuleList(ResBlock(cin if j == 0 else cout, cout, temb_dim, dropout) for j in range(n_res))
+        self.attn = Attention(cout, heads) if heads else nn.Identity()
+        self.down = nn.Conv2d(cout, cout, 3, stride=2, padding=1)
+
+
+class UpBlock(nn.Module):
+    """Mirror of a DownBlock: nearest 2x + 3x3 conv, residual layers on (h, skip), [attention]."""
+
+    def __init__(self, cin: int, skips: list[int], cout: int, temb_dim: int | None, dropout: float, heads: int | None):
+        super().__init__()
+        self.up = nn.Conv2d(cin, cin, 3, padding=1)
+        cins = [cin] + [cout] * (len(skips) - 1)
+        self.res = nn.ModuleList(ResBlock(c + s, cout, temb_dim, dropout) for c, s in zip(cins, skips, strict=True))
+        self.attn = Attention(cout, heads) if heads else nn.Identity()
 
 
 class UNet(nn.Module):
@@ -101,6 +126,8 @@ class UNet(nn.Module):
     ``in_channels`` counts all input channels (AF + extra conditioning + noisy RGB
     for diffusion; AF only for regression / pix2pix). With
     ``time_embedding=False`` the network ignores ``t`` (regression, pix2pix).
+    ``attention_levels`` holds levels 0..len(channel_mults), the last being the
+    middle block (see the module docstring).
     """
 
     def __init__(
@@ -112,13 +139,17 @@ class UNet(nn.Module):
         num_res_blocks: int = 2,
         attention_levels: tuple[int, ...] | list[int] = (),
         attention_heads: int = 1,
-        mid_attention: bool = False,
+        attention_up: bool = False,
         dropout: float = 0.0,
         time_embedding: bool = True,
     ):
         super().__init__()
+        n = len(channel_mults)
+        bad = sorted(set(attention_levels) - set(range(n + 1)))
+        if bad:
+            raise ValueError(f"attention_levels {bad} outside 0..{n} (level {n} is the middle block)")
         self.in_channels = in_channels
-        self.levels = len(channel_mults)
+        self.levels = n
         self.base = base_channels
         temb_dim = 4 * base_channels if time_embedding else None
         self.time_mlp = (
@@ -127,39 +158,26 @@ class UNet(nn.Module):
             else None
         )
         chans = [base_channels * m for m in channel_mults]
-        heads = [attention_heads if i in set(attention_levels) else None for i in range(self.levels)]
+        heads = [attention_heads if i in set(attention_levels) else None for i in range(n + 1)]
         self.stem = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         self.down = nn.ModuleList()
-        self.downsample = nn.ModuleList()
-        skips = [base_channels]  # channels of every stored skip, stem first
         c = base_channels
         for i, co in enumerate(chans):
-            cins = [c] + [co] * (num_res_blocks - 1)
-            self.down.append(Level(cins, co, temb_dim, dropout, heads[i]))
+            self.down.append(DownBlock(c, co, num_res_blocks, temb_dim, dropout, heads[i]))
             c = co
-            skips += [co] * num_res_blocks
-            last = i == self.levels - 1
-            self.downsample.append(nn.Identity() if last else nn.Conv2d(c, c, 3, stride=2, padding=1))
-            if not last:
-                skips.append(c)
 
         self.mid1 = ResBlock(c, c, temb_dim, dropout)
-        self.mid_attn = Attention(c, attention_heads) if mid_attention else nn.Identity()
+        self.mid_attn = Attention(c, attention_heads) if heads[n] else nn.Identity()
         self.mid2 = ResBlock(c, c, temb_dim, dropout)
 
-        # Mirrored up path: num_res_blocks + 1 blocks per level, each consuming one
-        # skip, so every down activation (and the stem) reaches the decoder.
+        # Up blocks, deepest first; up block i consumes the skips of down block i, last one first.
         self.up = nn.ModuleList()
-        self.upsample = nn.ModuleList()
-        for i in reversed(range(self.levels)):
-            co = chans[i]
-            cins = []
-            for _ in range(num_res_blocks + 1):
-                cins.append(c + skips.pop())
-                c = co
-            self.up.append(Level(cins, co, temb_dim, dropout, heads[i]))
-            self.upsample.append(nn.Identity() if i == 0 else nn.Conv2d(c, c, 3, padding=1))
+        for i in reversed(range(n)):
+            self.up.append(
+                UpBlock(c, [chans[i]] * num_res_blocks, chans[i], temb_dim, dropout, heads[i] if attention_up else None)
+            )
+            c = chans[i]
 
         self.out_norm = nn.GroupNorm(_groups(c), c)
         self.out_conv = nn.Conv2d(c, out_channels, 3, padding=1)
@@ -169,7 +187,7 @@ class UNet(nn.Module):
     @property
     def multiple(self) -> int:
         """Spatial sizes are padded to a multiple of this."""
-        return 2 ** (self.levels - 1)
+        return 2**self.levels
 
     def forward(
         self, x: torch.Tensor | None, t: torch.Tensor | None = None, cond: torch.Tensor | None = None
@@ -190,19 +208,19 @@ class UNet(nn.Module):
             inp = F.pad(inp, (0, pw, 0, ph), mode="replicate")
 
         h = self.stem(inp)
-        skips = [h]
-        for level, down in zip(self.down, self.downsample, strict=True):
-            for res, attn in zip(level.res, level.attn, strict=True):
-                h = attn(res(h, temb))
+        skips = []
+        for block in self.down:
+            for j, res in enumerate(block.res):
+                h = res(h, temb)
+                if j == len(block.res) - 1:
+                    h = block.attn(h)
                 skips.append(h)
-            if not isinstance(down, nn.Identity):
-                h = down(h)
-                skips.append(h)
+            h = block.down(h)
         h = self.mid2(self.mid_attn(self.mid1(h, temb)), temb)
-        for level, up in zip(self.up, self.upsample, strict=True):
-            for res, attn in zip(level.res, level.attn, strict=True):
-                h = attn(res(torch.cat([h, skips.pop()], dim=1), temb))
-            if not isinstance(up, nn.Identity):
-                h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        for block in self.up:
+            h = block.up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            for res in block.res:
+                h = res(torch.cat([h, skips.pop()], dim=1), temb)
+            h = block.attn(h)
         out = self.out_conv(F.silu(self.out_norm(h)))
         return out[..., :hgt, :wid] if (ph or pw) else out

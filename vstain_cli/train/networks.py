@@ -18,7 +18,10 @@ def cond_channels(preset: Preset, channels: int) -> int:
 
 
 def build_network(preset: Preset, channels: int) -> nn.Module:
-    """The main network: UNet (diffusion, regression, pix2pix generator) or StainNet."""
+    """The main network: UNet (diffusion, regression, pix2pix generator) or StainNet.
+
+    Regression and the pix2pix generator are the preset's UNet without the time input.
+    """
     if preset.kind == "stainnet":
         s = preset.stainnet
         return StainNet(s.n_classes, s.base_channels, s.depth, s.feature_dim, s.dropout)
@@ -32,7 +35,7 @@ def build_network(preset: Preset, channels: int) -> nn.Module:
         num_res_blocks=m.num_res_blocks,
         attention_levels=m.attention_levels,
         attention_heads=m.attention_heads,
-        mid_attention=m.mid_attention,
+        attention_up=m.attention_up,
         dropout=m.dropout,
         time_embedding=diffusion,
     )

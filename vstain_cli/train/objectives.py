@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vstain_cli.data.augment import hed_jitter
 from vstain_cli.data.loader import dihedral
 from vstain_cli.diffusion.denoiser import Denoiser
 from vstain_cli.diffusion.losses import diffusion_loss, pixel_loss
@@ -257,18 +258,26 @@ class Pix2PixObjective(RegressionObjective):
 
 
 class StainNetObjective(Objective):
-    """Cross-entropy classification of real H&E patches into slide labels."""
+    """Cross-entropy classification of real H&E patches into slide labels.
+
+    Training patches get H&E stain augmentation (``data/augment.hed_jitter``,
+    ``[stainnet] hed_scale/hed_shift``), so the classifier, and the FSD features
+    it defines, separate slides by tissue rather than by their stain colour.
+    """
 
     kind = "stainnet"
     fields = ("he", "label")
 
-    def _logits(self, net: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits(self, net: nn.Module, batch: Batch, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self._in(batch["he"]), batch["label"].to(self.device)
+        if gen is not None:
+            s = self.preset.stainnet
+            x = hed_jitter(x, s.hed_scale, s.hed_shift, gen)
         with self.amp.autocast():
             return net(x).float(), y
 
     def train_step(self, batch: Batch, gen: torch.Generator) -> dict[str, float]:
-        logits, y = self._logits(self.train_nets["net"], batch)
+        logits, y = self._logits(self.train_nets["net"], batch, gen)
         loss = F.cross_entropy(logits, y, label_smoothing=self.preset.stainnet.label_smoothing)
         norm = self.amp.step(loss, self.optimizers["net"], self.nets["net"].parameters(), self.preset.train.grad_clip)
         acc = float((logits.argmax(1) == y).float().mean())

@@ -28,27 +28,44 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass
 class UNetConfig:
-    """The UNet of nets/unet.py (levels run at tile / 2**i)."""
+    """The UNet of nets/unet.py: one down block per ``channel_mults`` entry.
+
+    Level ``i < len(channel_mults)`` is down block ``i`` (tile / 2**i); level
+    ``len(channel_mults)`` is the middle block. ``attention_levels`` get one
+    attention layer each (and one in the mirrored up block with ``attention_up``).
+    """
 
     base_channels: int = 64
     channel_mults: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4, 4])
     num_res_blocks: int = 2
     attention_levels: list[int] = field(default_factory=list)
     attention_heads: int = 1
-    mid_attention: bool = False
+    attention_up: bool = False
     dropout: float = 0.0
+
+    # Keys of the UNet layout before sec. 4.1 (five downsamplings, attention after every
+    # residual block): a run made with it cannot be loaded, its weights do not fit.
+    RETIRED_KEYS: typing.ClassVar[dict[str, str]] = {
+        "mid_attention": "written for vstain's UNet before it followed the paper's sec. 4.1 (five "
+        "downsamplings, attention after every residual layer); a run made with it has weights that do not fit "
+        "the current network: retrain it (in a preset, give the middle block's attention as level "
+        "len(channel_mults) of attention_levels)",
+    }
 
     def check(self) -> None:
         _positive(self, "base_channels", "num_res_blocks", "attention_heads")
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             raise ValueError("channel_mults must be a non-empty list of positive integers")
-        bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mults)]
+        n = len(self.channel_mults)
+        bad = [lv for lv in self.attention_levels if not 0 <= lv <= n]
         if bad:
-            raise ValueError(f"attention_levels {bad} outside 0..{len(self.channel_mults) - 1}")
+            raise ValueError(f"attention_levels {bad} outside 0..{n} (level {n} is the middle block)")
+        if len(set(self.attention_levels)) != len(self.attention_levels):
+            raise ValueError("attention_levels lists a level twice")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
         for lv in self.attention_levels:
-            if (self.base_channels * self.channel_mults[lv]) % self.attention_heads:
+            if (self.base_channels * self.channel_mults[min(lv, n - 1)]) % self.attention_heads:
                 raise ValueError(f"level {lv} channels do not split into {self.attention_heads} heads")
 
 
@@ -57,7 +74,7 @@ class DiffusionConfig:
     """Noise process, objective and the validation sampler (diffusion/)."""
 
     timesteps: int = 1000
-    schedule: str = "cosine-beta"
+    schedule: str = "cosine"
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction: str = "eps"
@@ -132,11 +149,15 @@ class StainNetConfig:
     feature_dim: int = 256
     dropout: float = 0.2
     label_smoothing: float = 0.0
+    hed_scale: float = 0.0  # stain augmentation (data/augment.py): HED densities x U(1 -+ hed_scale)
+    hed_shift: float = 0.0  # ... + U(-+ hed_shift) log10 OD
 
     def check(self) -> None:
         _positive(self, "n_classes", "base_channels", "depth", "feature_dim")
         if self.n_classes < 2:
             raise ValueError("n_classes must be >= 2")
+        if not 0.0 <= self.hed_scale < 1.0 or self.hed_shift < 0.0:
+            raise ValueError("need 0 <= hed_scale < 1 and hed_shift >= 0")
 
 
 @dataclass
@@ -283,6 +304,10 @@ def _section(cls: type, table: Any, name: str) -> Any:
         raise ValueError(f"[{name}] must be a table")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    retired = getattr(cls, "RETIRED_KEYS", {})
+    old = sorted(set(table) & set(retired))
+    if old:
+        raise ValueError(f"[{name}] {old[0]}: {retired[old[0]]}")
     unknown = sorted(set(table) - known)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in [{name}] (known: {', '.join(sorted(known))})")
