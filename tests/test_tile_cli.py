@@ -151,7 +151,7 @@ def test_slide_without_tissue_is_skipped_with_a_warning(cli_pairs, tmp_path):
     proc = run_cli("tile", str(csv), "--out", str(tmp_path / "ds"), "--size", "64", "--stride", "64")
     assert proc.returncode == 0, proc.stderr
     assert "glass.tif: no tissue found; slide skipped" in proc.stderr
-    assert "1 slides without tissue skipped" in proc.stderr
+    assert "1 slides skipped (see the warnings)" in proc.stderr
 
 
 def test_existing_output_resumes_or_needs_force(cli_pairs, tmp_path):
@@ -209,3 +209,14 @@ def test_help_and_version_are_fast():
     heavy = [ln for ln in proc.stderr.splitlines() if ln.rstrip().endswith((" torch", " openslide", " tifffile", " skimage"))]
     assert not heavy, f"heavy imports on the --help path: {heavy}"
     del t
+
+
+def test_patch_larger_than_every_slide_is_named_and_leaves_nothing(cli_pairs, tmp_path):
+    out = tmp_path / "dataset2"
+    proc = run_cli("tile", str(cli_pairs), "--out", str(out), "--size", "2048")
+    assert_one_error_line(proc, "--size 2048 is larger than every slide", "512x384 px", "--size <= 384")
+    assert not out.exists()  # nothing to refuse on the corrected rerun
+    proc = run_cli("tile", str(cli_pairs), "--out", str(out), "--size", "64", "--stride", "64")
+    assert proc.returncode == 0, proc.stderr
+    # 5 slides over 3 splits: val and test cannot hold all 4 labels, and tile says so
+    assert "split has no patches with label(s)" in proc.stderr, proc.stderr

@@ -1,15 +1,26 @@
-"""Shared CLI plumbing: error handling, rich progress, consoles."""
+"""Shared CLI plumbing: one error style, the flags every command takes, progress
+for terminals and for logs, consoles, and the shared options."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import os
+import shutil
+import signal
 import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import typer
-from rich.console import Console
+import typer.core
+from rich.console import Console, ConsoleDimensions
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,31 +34,223 @@ from rich.progress import (
 )
 
 from vstain_cli.errors import VstainError
+from vstain_cli.progress import Interrupted
 
 # tifffile logs parse problems of bad files; our errors already name them in one line
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
-console = Console(stderr=True)
-out = Console()
+FLAGS: dict[str, bool] = {"debug": False, "quiet": False, "log_json": False}
+GLOBAL_OPTIONS = ("--debug", "--quiet", "--log-json")
+LOG_WIDTH = 240  # columns of tables printed into a file or pipe (no terminal to fit)
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class _Console(Console):
+    """A console that, writing into a file or pipe, is wide enough not to wrap or cut tables.
+
+    ``results=True`` (the stdout console): with --log-json stdout carries only JSON
+    events, so results go to stderr.
+    """
+
+    def __init__(self, *args: Any, results: bool = False, **kwargs: Any) -> None:
+        self._results = results
+        super().__init__(*args, **kwargs)
+
+    @property  # type: ignore[override]
+    def file(self) -> Any:
+        if getattr(self, "_results", False) and FLAGS["log_json"]:
+            return sys.stderr
+        return Console.file.fget(self)  # type: ignore[attr-defined]
+
+    @file.setter
+    def file(self, value: Any) -> None:
+        Console.file.fset(self, value)  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def size(self) -> Any:
+        dims = Console.size.fget(self)  # type: ignore[attr-defined]
+        if not self.is_terminal and "COLUMNS" not in os.environ and dims.width < LOG_WIDTH:
+            return ConsoleDimensions(LOG_WIDTH, dims.height)
+        return dims
+
+    @size.setter
+    def size(self, value: Any) -> None:
+        Console.size.fset(self, value)  # type: ignore[attr-defined]
+
+
+console = _Console(stderr=True, soft_wrap=True)
+out = _Console(soft_wrap=True, results=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# ----------------------------------------------------------------------------- flags of every command
+# --debug, --quiet and --log-json are accepted before or after the command name;
+# they are parsed by click (expose_value=False) and kept here for one invocation.
+
+
+
+def reset_flags() -> None:
+    for k in FLAGS:
+        FLAGS[k] = False
 
 
 def debug_enabled() -> bool:
     """True when ``--debug`` was given (or VSTAIN_DEBUG=1 is set)."""
-    return os.environ.get("VSTAIN_DEBUG", "") not in ("", "0")
+    return FLAGS["debug"] or os.environ.get("VSTAIN_DEBUG", "") not in ("", "0")
+
+
+def _flag_setter(name: str) -> Callable[[bool], None]:
+    def set_flag(value: bool) -> None:
+        if value:
+            FLAGS[name] = True
+    return set_flag
+
+
+def _global_params() -> list[Any]:
+    """The click parameters of --debug, --quiet and --log-json (built once by typer)."""
+    flags = typer.Typer()
+
+    @flags.command()
+    def _flags(
+        debug: bool = typer.Option(False, "--debug", expose_value=False, callback=_flag_setter("debug"),
+                                   help="Show the full traceback of an error (the exit code stays the same)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", expose_value=False, callback=_flag_setter("quiet"),
+                                   help="No progress output (warnings, errors and the result still print)."),
+        log_json: bool = typer.Option(False, "--log-json", expose_value=False, callback=_flag_setter("log_json"),
+                                      help="Progress as one JSON object per line on stdout (for dashboards)."),
+    ) -> None:
+        pass
+
+    params = [p for p in typer.main.get_command(flags).params if set(p.opts) & set(GLOBAL_OPTIONS)]
+    for p in params:
+        p.metavar = ""
+    return params
+
+
+# ----------------------------------------------------------------------------- clean help
+
+
+def _metavar(param: Any) -> str:
+    """INT, FLOAT, TEXT, PATH, ... for typer's ``<int>``, ``<list[Path]>``, ``<bool>``."""
+    if getattr(param, "is_flag", False):
+        return ""
+    desc = getattr(param, "type_descriptor", None)
+    if desc is not None and desc.is_path:
+        return "PATH"
+    names = {"int": "INT", "float": "FLOAT", "str": "TEXT", "Path": "PATH", "bool": "BOOL"}
+    raw = param.bare_type() if hasattr(param, "bare_type") else "TEXT"
+    raw = raw.removeprefix("list[").removesuffix("]")
+    if desc is not None and desc.is_tuple:
+        from typing import get_args
+
+        return " ".join(names.get(getattr(a, "__name__", "TEXT"), "TEXT") for a in get_args(desc.annotation))
+    return names.get(raw, raw.upper())
+
+
+def polish(command: Any) -> None:
+    """Clean metavars and usage line of one command; add the global flags."""
+    for p in command.params:
+        if isinstance(p, typer.core.TyperArgument):
+            if p.metavar is None:
+                p.metavar = p.name.upper()
+            name, kind = p.metavar, _metavar(p)
+            p._usage_display_name = (lambda n=name, req=p.required: n if req else f"[{n}]")  # noqa: SLF001
+            p.display_type_rich = lambda ctx, k=kind: k
+        elif isinstance(p, typer.core.TyperOption) and p.metavar is None:
+            p.metavar = _metavar(p)
+    make_help = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        opt = make_help(ctx)
+        if opt is not None:
+            opt.metavar = ""
+        return opt
+
+    command.get_help_option = help_option
+    have = {o for p in command.params for o in getattr(p, "opts", [])}
+    command.params.extend(p for p in _global_params() if not have & set(p.opts))
+
+
+def _usage_line(error: Exception) -> str:
+    """A click error as one line: what was wrong and where help is."""
+    ctx = getattr(error, "ctx", None)
+    msg = " ".join(str(error.format_message()).split())  # type: ignore[attr-defined]
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return f"{msg}{where}"
+
+
+class VstainGroup(typer.core.TyperGroup):
+    """The ``vstain`` group: every error is one ``error:`` line (usage errors exit 2), SIGTERM
+    stops like Ctrl-C, and --debug/--quiet/--log-json work before or after the command."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for cmd in self.commands.values():
+            polish(cmd)
+        polish(self)
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+        reset_flags()
+        old = _sigterm_as_interrupt()
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+            code = rv if isinstance(rv, int) else 0
+        except NoArgsIsHelpError as e:
+            e.show()  # the command's help
+            code = 2
+        except ClickException as e:
+            console.print(f"[bold red]error:[/] {_usage_line(e)}", highlight=False, markup=True)
+            code = e.exit_code
+        except typer.Abort:
+            code = 130
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM raises KeyboardInterrupt (so temporary files are cleaned up); returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+# ----------------------------------------------------------------------------- errors
 
 
 def fail(message: str, code: int = 2) -> None:
     """Print one error line and exit."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
+
+
+def _fail(message: str, code: int) -> None:
+    if debug_enabled():
+        traceback.print_exc(file=sys.stderr)
+    fail(message, code)
 
 
 def handles_errors(fn: F) -> F:
     """Turn VstainError into one line and exit 2; other errors into one line and exit 1.
 
-    With ``--debug`` the traceback is shown instead.
+    With ``--debug`` the traceback is printed first; the exit code stays the same.
     """
 
     @functools.wraps(fn)
@@ -55,30 +258,249 @@ def handles_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except VstainError as e:
-            if debug_enabled():
-                raise
-            fail(str(e), 2)
+            _fail(str(e), 2)
+        except Interrupted as e:
+            console.print(f"[yellow]interrupted[/]: {e.message}", highlight=False)
+            raise typer.Exit(128 + e.signum) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: nothing half-written is left; tile, train and demo resume when rerun")
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except MemoryError:
-            if debug_enabled():
-                raise
-            fail("out of memory; try a smaller --batch-size", 1)
+            _fail("out of memory; try a smaller --batch-size", 1)
         except Exception as e:  # noqa: BLE001 - last-resort guard for the CLI
-            if debug_enabled():
-                raise
-            fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for details)", 1)
+            _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for details)", 1)
 
     return wrapper  # type: ignore[return-value]
 
 
-class RichProgress:
-    """The core's Progress protocol drawn as rich progress bars."""
+@contextlib.contextmanager
+def removes_new_outputs(*paths: Any) -> Iterator[None]:
+    """Outputs (files or folders) that did not exist before are removed if the command fails.
 
-    def __init__(self, enabled: bool = True) -> None:
+    Ctrl-C and SIGTERM keep them: commands that resume (tile, train, demo) keep their work.
+    """
+    fresh = [Path(p) for p in paths if p is not None and not Path(p).exists()]
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        for p in fresh:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def progress_mode() -> str:
+    """rich (a terminal), log (plain lines), json (--log-json) or quiet (--quiet)."""
+    if FLAGS["quiet"]:
+        return "quiet"
+    if FLAGS["log_json"]:
+        return "json"
+    if os.environ.get("VSTAIN_PROGRESS") == "1" or (_is_tty(sys.stdout) and _is_tty(sys.stderr)):
+        return "rich"
+    return "log"
+
+
+def log_stream() -> Any:
+    """Where plain progress lines go: stdout when it is a file or pipe, else stderr."""
+    return sys.stdout if not _is_tty(sys.stdout) else sys.stderr
+
+
+def stage_line(name: str, detail: str) -> None:
+    """A section header: a rule in a terminal, one plain line in a log."""
+    mode = progress_mode()
+    if mode == "rich":
+        console.rule(f"[bold]{name}[/] [dim]{detail}[/]", align="left")
+    elif mode == "json":
+        _emit_json({"event": "stage", "stage": name, "detail": detail})
+    elif mode == "log":
+        _write_line(f"{time.strftime('%H:%M:%S')} == {name}: {detail}")
+
+
+_write_lock = threading.Lock()
+
+
+def _write_line(line: str) -> None:
+    stream = log_stream()
+    with _write_lock:
+        stream.write(line + "\n")
+        stream.flush()
+
+
+def _emit_json(event: dict[str, Any]) -> None:
+    with _write_lock:
+        sys.stdout.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+        sys.stdout.flush()
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _fmt_field(k: str, v: Any) -> str:
+    if isinstance(v, float):
+        return f"{k} {v:.4g}"
+    return f"{k} {v}"
+
+
+class _Task:
+    def __init__(self, description: str, total: int | None) -> None:
+        self.description, self.total = description, total
+        self.done = 0
+        self.t0 = time.monotonic()
+        self.fields: dict[str, Any] = {}
+        self.phase: str | None = None
+
+    def numbers(self) -> dict[str, Any]:
+        elapsed = time.monotonic() - self.t0
+        rate = self.done / elapsed if elapsed > 0 and self.done else None
+        eta = (self.total - self.done) / rate if rate and self.total is not None else None
+        return {"done": self.done, "total": self.total, "elapsed_s": round(elapsed, 1),
+                "rate": None if rate is None else round(rate, 3), "eta_s": None if eta is None else round(eta, 1)}
+
+    def line(self, finished: bool = False) -> str:
+        n = self.numbers()
+        count = f"{n['done']}/{n['total']}" if n["total"] is not None else f"{n['done']}"
+        parts = [f"{self.description}: {'done ' if finished else ''}{count}"]
+        if n["total"] and not finished:
+            parts.append(f"{100 * n['done'] / n['total']:.0f}%")
+        if n["rate"]:
+            parts.append(f"{n['rate']:.3g}/s")
+        if finished:
+            parts.append(f"in {_clock(n['elapsed_s'])}")
+        elif n["eta_s"] is not None:
+            parts.append(f"eta {_clock(n['eta_s'])}")
+        parts += [_fmt_field(k, v) for k, v in self.fields.items()]
+        if self.phase and not finished:
+            parts.append(f"[{self.phase}]")
+        return " ".join(parts)
+
+
+class LogProgress:
+    """Progress as plain lines (``json=False``) or JSON objects, never wrapped.
+
+    A line every ``interval`` seconds (VSTAIN_PROGRESS_INTERVAL, default 30) for
+    the running tasks, and one at each stage boundary: a task's end, a phase
+    (validation, sample grid, checkpoint), an info message. ``quiet`` prints
+    warnings only.
+    """
+
+    def __init__(self, json_lines: bool = False, quiet: bool = False, interval: float | None = None) -> None:
+        self.json, self.quiet = json_lines, quiet
+        self.interval = interval if interval is not None else float(os.environ.get("VSTAIN_PROGRESS_INTERVAL", 30))
+        self.tasks: dict[str, _Task] = {}
+        self.finished_at: dict[str, float] = {}
+        self.last = ""  # description of the latest task started or finished
+        self.warnings: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "LogProgress":
+        if not self.quiet:
+            self._thread = threading.Thread(target=self._beat, name="vstain-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Write the state of every running task (one line, or one JSON object per task)."""
+        with self._lock:  # a task at its total that was never finished has nothing more to say
+            tasks = [(k, t) for k, t in self.tasks.items() if t.total is None or t.done < t.total or t.phase]
+        if self.quiet:
+            return
+        if not tasks:  # between tasks (writing, bootstrap): say it is alive, and after what
+            if self.json:
+                _emit_json({"event": "heartbeat", "after": self.last})
+            else:
+                _write_line(f"{time.strftime('%H:%M:%S')} working (after: {self.last or 'start'})")
+            return
+        if self.json:
+            for key, t in tasks:
+                self._json("progress", key, t)
+        else:
+            _write_line(f"{time.strftime('%H:%M:%S')} " + " | ".join(t.line() for _, t in tasks))
+
+    def _json(self, event: str, key: str, t: _Task) -> None:
+        _emit_json({"event": event, "task": key, "description": t.description, **t.numbers(),
+                    "phase": t.phase, **t.fields})
+
+    def start(self, key: str, description: str, total: int | None) -> None:
+        t = _Task(description, total)
+        with self._lock:
+            self.tasks[key] = t
+        self.last = description
+        if self.json and not self.quiet:
+            self._json("start", key, t)
+
+    def advance(self, key: str, n: int = 1) -> None:
+        t = self.tasks.get(key)
+        if t is not None:
+            t.done += n
+
+    def update(self, key: str, **fields: Any) -> None:
+        t = self.tasks.get(key)
+        if t is None:
+            return
+        phase = fields.pop("phase", t.phase)
+        t.fields.update(fields)
+        if phase != t.phase:
+            t.phase = phase
+            if phase and not self.quiet:
+                if self.json:
+                    self._json("phase", key, t)
+                else:
+                    _write_line(f"{time.strftime('%H:%M:%S')} {t.line()}")
+
+    def finish(self, key: str) -> None:
+        with self._lock:
+            t = self.tasks.pop(key, None)
+        if t is None or self.quiet:
+            return
+        self.last = t.description
+        now = time.monotonic()
+        if self.json:
+            self._json("finish", key, t)
+        elif now - self.finished_at.get(key, -1e9) >= self.interval:  # per-region tasks: at most one a period
+            _write_line(f"{time.strftime('%H:%M:%S')} {t.line(finished=True)}")
+            self.finished_at[key] = now
+
+    def info(self, message: str) -> None:
+        if self.quiet:
+            return
+        if self.json:
+            _emit_json({"event": "info", "message": message})
+        else:
+            _write_line(f"{time.strftime('%H:%M:%S')} {message}")
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        if self.json:
+            _emit_json({"event": "warning", "message": message})
+        console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+class _RichBars:
+    """The core's Progress protocol drawn as rich progress bars (a terminal)."""
+
+    def __init__(self) -> None:
         self.bars = RichBars(
             SpinnerColumn(),
             TextColumn("[progress.description]{task.description}"),
@@ -88,14 +510,16 @@ class RichProgress:
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
             console=console,
-            disable=not enabled or not sys.stderr.isatty() and os.environ.get("VSTAIN_PROGRESS") != "1",
             transient=False,
         )
         self.tasks: dict[str, Any] = {}
+        self.base: dict[str, str] = {}
+        self.fields: dict[str, dict[str, Any]] = {}
         self.warnings: list[str] = []
 
-    def __enter__(self) -> "RichProgress":
+    def __enter__(self) -> "_RichBars":
         self.bars.__enter__()
         return self
 
@@ -103,10 +527,11 @@ class RichProgress:
         self.bars.__exit__(*exc)
 
     def start(self, key: str, description: str, total: int | None) -> None:
+        self.base[key], self.fields[key] = description, {}
         if key in self.tasks:
-            self.bars.reset(self.tasks[key], total=total, description=description)
+            self.bars.reset(self.tasks[key], total=total, description=description, info="")
         else:
-            self.tasks[key] = self.bars.add_task(description, total=total, rate="")
+            self.tasks[key] = self.bars.add_task(description, total=total, rate="", info="")
 
     def advance(self, key: str, n: int = 1) -> None:
         task_id = self.tasks.get(key)
@@ -117,16 +542,70 @@ class RichProgress:
         if speed:
             self.bars.update(task_id, rate=f"{speed:,.1f}/s")
 
+    def update(self, key: str, **fields: Any) -> None:
+        task_id = self.tasks.get(key)
+        if task_id is None:
+            return
+        phase = fields.pop("phase", "keep")
+        self.fields[key].update(fields)
+        info = " ".join(_fmt_field(k, v) for k, v in self.fields[key].items())
+        if phase != "keep":
+            desc = self.base[key] + (f" [cyan]· {phase}[/]" if phase else "")
+            self.bars.update(task_id, description=desc, info=info)
+        else:
+            self.bars.update(task_id, info=info)
+
     def finish(self, key: str) -> None:
         task_id = self.tasks.get(key)
         if task_id is not None:
             t = self.bars._tasks[task_id]  # noqa: SLF001
+            self.bars.update(task_id, description=self.base.get(key, t.description))
             if t.total is not None:
                 self.bars.update(task_id, completed=t.total)
+
+    def info(self, message: str) -> None:
+        console.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+class RichProgress:
+    """The CLI's Progress: rich bars in a terminal, plain lines in a log, JSON with
+    --log-json, nothing with --quiet (or ``enabled=False``, e.g. non-zero ranks)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        mode = progress_mode() if enabled else "quiet"
+        self.mode = mode
+        self.backend: Any = _RichBars() if mode == "rich" else LogProgress(json_lines=mode == "json",
+                                                                           quiet=mode == "quiet")
+        self.warnings: list[str] = self.backend.warnings
+
+    def __enter__(self) -> "RichProgress":
+        self.backend.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.backend.__exit__(*exc)
+
+    def start(self, key: str, description: str, total: int | None) -> None:
+        self.backend.start(key, description, total)
+
+    def advance(self, key: str, n: int = 1) -> None:
+        self.backend.advance(key, n)
+
+    def finish(self, key: str) -> None:
+        self.backend.finish(key)
+
+    def update(self, key: str, **fields: Any) -> None:
+        self.backend.update(key, **fields)
+
+    def info(self, message: str) -> None:
+        self.backend.info(message)
+
+    def warn(self, message: str) -> None:
+        self.backend.warn(message)
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -164,3 +643,11 @@ def steps_option() -> Any:
     """``--steps``: sampler steps, default the sampler's own."""
     return typer.Option(None, "--steps", min=1, max=10_000, metavar="INT",
                         help="Sampler steps (default: the sampler's, see --sampler).")
+
+
+def protocol_option() -> Any:
+    """``--protocol``: fast (the --sampler/--steps given) or paper (DDPM with the model's T steps)."""
+    from vstain_cli.diffusion.samplers import PROTOCOLS
+
+    choices = "; ".join(f"{name}: {text}" for name, text in PROTOCOLS.items())
+    return typer.Option("fast", "--protocol", metavar="NAME", help=f"Sampling protocol ({choices}).")

@@ -6,12 +6,12 @@ torch) is imported inside each command, so ``vstain --help`` is instant.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import typer
 
 from vstain_cli import __version__
+from vstain_cli.cli.common import VstainGroup
 
 app = typer.Typer(
     name="vstain",
@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=VstainGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -34,17 +35,18 @@ def main(
     version: Optional[bool] = typer.Option(
         None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
-    """vstain: AF -> H&E virtual staining, from slide pairs to scored, stitched slides."""
-    if debug:
-        os.environ["VSTAIN_DEBUG"] = "1"
+    """vstain: AF -> H&E virtual staining, from slide pairs to scored, stitched slides.
+
+    --debug, --quiet and --log-json work before or after the command name.
+    """
 
 
 def _register() -> None:
-    from vstain_cli.cli import calibrate, demo, score, stain, synth, tile, train, uncertainty
+    from vstain_cli.cli import calibrate, demo, register, score, stain, synth, tile, train, uncertainty
 
     app.command("synth", no_args_is_help=True)(synth.synth)
+    app.command("register", no_args_is_help=True)(register.register)
     app.command("tile", no_args_is_help=True)(tile.tile)
     app.command("train", no_args_is_help=True)(train.train)
     app.command("calibrate", no_args_is_help=True)(calibrate.calibrate)

@@ -15,12 +15,16 @@ from vstain_cli.cli.common import RichProgress, console, force_option, handles_e
 def synth(
     out: Path = typer.Argument(..., help="Folder to write the slide pairs and pairs.csv into."),
     slides: int = typer.Option(4, "--slides", help="Number of slide pairs (labels cycle 0-3)."),
-    size: Tuple[int, int] = typer.Option((4096, 4096), "--size", help="Slide height and width in pixels (H W)."),
+    size: Tuple[int, int] = typer.Option((4096, 4096), "--size", metavar="H W", help="Slide height and width in pixels (H W)."),
     channels: int = typer.Option(26, "--channels", help="AF spectral channels."),
     mpp: float = typer.Option(0.5, "--mpp", help="Microns per pixel."),
     seed: int = seed_option("Random seed (same seed, same slides)."),
     workers: int = typer.Option(2, "--workers", help="Threads rendering strips."),
     af_compression: str = typer.Option("none", "--af-compression", help="AF TIFF codec: none, zstd or zlib."),
+    misregister: bool = typer.Option(False, "--misregister", help="Move each H&E against its AF by a random "
+                                     "known transform (<= 5 deg, 200 µm, 3 % scale, 20 µm local warp) onto a canvas "
+                                     "that holds all of it, recorded in <id>.he.truth.json (tile it through "
+                                     "vstain register)."),
     force: bool = force_option("Overwrite existing phantom data."),
 ) -> None:
     """Make phantom liver slide pairs (AF OME-TIFF + pyramidal H&E TIFF) and pairs.csv."""
@@ -36,6 +40,10 @@ def synth(
         csv_path = run_synth(out, slides, hw, channels, mpp, seed, workers=workers,
                              af_compression=None if af_compression == "none" else af_compression,
                              force=force, progress=progress)
+        if misregister:
+            from vstain_cli.data.synth.misregister import misregister_pairs
+
+            misregister_pairs(csv_path, seed=seed, mpp=mpp, progress=progress)
     dt = time.perf_counter() - t0
     mpx = megapixels(hw, slides)
     console.print(

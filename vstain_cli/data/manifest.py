@@ -25,6 +25,7 @@ class SlidePair:
     he: Path
     label: int
     split: str | None
+    registration: Path | None = None  # optional: AF -> H&E registration JSON (``vstain register``)
 
 
 def read_pairs(path: str | Path, max_label: int = MAX_LABEL) -> list[SlidePair]:
@@ -72,7 +73,9 @@ def read_pairs(path: str | Path, max_label: int = MAX_LABEL) -> list[SlidePair]:
             raise InputError(f"line {lineno}: split {split!r} is not one of {', '.join(SPLITS)}", path)
         if not row["af"] or not row["he"]:
             raise InputError(f"line {lineno}: empty af or he path", path)
-        pairs.append(SlidePair(sid, (path.parent / row["af"]).resolve(), (path.parent / row["he"]).resolve(), label, split))
+        reg = (path.parent / row["registration"]).resolve() if row.get("registration") else None
+        pairs.append(SlidePair(sid, (path.parent / row["af"]).resolve(), (path.parent / row["he"]).resolve(), label, split,
+                               reg))
     if not pairs:
         raise InputError("no slide pairs (only a header)", path)
     given = [p.split is not None for p in pairs]

@@ -92,6 +92,7 @@ class DatasetInfo:
             "tile_size": self.tile_size,
             "patches": {sp: len(self.patch_keys(sp)) for sp in SPLITS},
             "created": self.meta.get("created"),
+            "mpp": self.meta.get("mpp"),  # the training scale (µm/px); stain/uncertainty resample to it
         }
 
 

@@ -22,6 +22,9 @@ import numpy as np
 
 from vstain_cli.data import store as ds
 from vstain_cli.data.manifest import SlidePair, assign_splits, read_pairs
+from vstain_cli.data.register_pairs import load_registration
+from vstain_cli.data.registration import alignment_check, registered_thumbnail
+from vstain_cli.data.warp import Transform, read_registered
 from vstain_cli.errors import InputError, OutputExistsError
 from vstain_cli.io.grid import Patch, patch_grid, tissue_mask_he
 from vstain_cli.io.slides import SlideReader, TiffSlide, open_af, open_he
@@ -40,8 +43,11 @@ class TileOptions:
     stride: int = 128
     min_tissue: float = 0.5
     split_seed: int = 0
+    max_shift: float = 3.0  # µm: patches whose measured AF/H&E misalignment is larger are dropped
 
     def check(self) -> None:
+        if self.max_shift <= 0:
+            raise InputError("--max-shift must be positive (µm)")
         if self.size < 16 or self.size % 8:
             raise InputError(f"--size {self.size} must be a multiple of 8 and at least 16")
         if self.stride < 1:
@@ -63,6 +69,7 @@ class SlideResult:
     skipped: str | None = None
     resumed: bool = False
     sources: dict[str, Any] = field(default_factory=dict, repr=False)  # af/he fingerprints
+    alignment: dict[str, Any] = field(default_factory=dict, repr=False)  # residual misalignment check
 
 
 @dataclass
@@ -86,6 +93,7 @@ class _OpenPair:
     pair: SlidePair
     af: TiffSlide
     he: SlideReader
+    transform: Transform | None = None  # AF -> H&E registration, when pairs.csv names one
 
     def close(self) -> None:
         self.af.close()
@@ -105,11 +113,13 @@ def _open_and_check(pairs: list[SlidePair]) -> tuple[list[_OpenPair], int, str]:
             except BaseException:
                 af.close()
                 raise
-            opened.append(_OpenPair(p, af, he))
-            if (af.width, af.height) != (he.width, he.height):
+            opened.append(_OpenPair(p, af, he))  # closed below if anything of this pair is wrong
+            if p.registration:
+                opened[-1].transform = load_registration(p.registration, p)
+            if opened[-1].transform is None and (af.width, af.height) != (he.width, he.height):
                 raise InputError(
                     f"AF is {af.width}x{af.height} px but its H&E {p.he.name} is {he.width}x{he.height} px "
-                    "(pairs must be co-registered on the same pixel grid)",
+                    "(pairs must be co-registered on the same pixel grid; vstain register aligns them)",
                     p.af,
                 )
             if channels is None:
@@ -129,7 +139,36 @@ def _open_and_check(pairs: list[SlidePair]) -> tuple[list[_OpenPair], int, str]:
 
 def _settings(options: TileOptions, pairs: list[SlidePair], channels: int, dtype: str) -> dict[str, Any]:
     return {**asdict(options), "channels": channels, "af_dtype": dtype,
-            "pairs": {p.slide_id: {"label": p.label, "split": p.split} for p in pairs}}
+            "pairs": {p.slide_id: {"label": p.label, "split": p.split,  # a registration changes every H&E patch
+                                   **({"registration": fingerprint(p.registration)["sha256_head_tail"]}
+                                      if p.registration else {})} for p in pairs}}
+
+
+def _why_empty(op: _OpenPair, size: int) -> str:
+    """Why a slide gave no patches: too small for --size, or no tissue."""
+    if op.af.width < size or op.af.height < size:
+        return f"the slide ({op.af.width}x{op.af.height} px) is smaller than --size {size}"
+    return "no tissue found"
+
+
+def check_sizes(opened: list[_OpenPair], size: int) -> None:
+    """InputError when --size is larger than every slide (nothing could be tiled)."""
+    fits = [op for op in opened if min(op.af.width, op.af.height) >= size]
+    if opened and not fits:
+        big = max(opened, key=lambda op: min(op.af.width, op.af.height))
+        raise InputError(f"--size {size} is larger than every slide (the largest, {big.pair.slide_id}, is "
+                         f"{big.af.width}x{big.af.height} px); use --size <= "
+                         f"{min(big.af.width, big.af.height) // 8 * 8}", big.pair.af)
+
+
+def missing_labels(results: list[SlideResult]) -> dict[str, list[int]]:
+    """Per split with patches: labels that another split has but it lacks."""
+    by_split: dict[str, set[int]] = {}
+    for r in results:
+        if r.patches:
+            by_split.setdefault(r.split, set()).add(r.label)
+    every = set().union(*by_split.values()) if by_split else set()
+    return {sp: sorted(every - have) for sp, have in sorted(by_split.items()) if every - have}
 
 
 def _prepare_out(out: Path, settings: dict[str, Any], force: bool) -> None:
@@ -199,7 +238,7 @@ def _read_rows(
         x1 = patches[idx[-1]].x + size
         af = op.af.read_region(x0, y, x1 - x0, size)  # (size, span, C)
         try:
-            he = op.he.read_region(x0, y, x1 - x0, size)
+            he = read_registered(op.he, op.transform, x0, y, x1 - x0, size)
         except Exception as e:  # OpenSlide raises on corrupt tiles
             if isinstance(e, InputError):
                 raise
@@ -236,16 +275,25 @@ def _tile_slide(
             done = json.loads(meta_file.read_text())
             if done.get("complete"):
                 return SlideResult(p.slide_id, p.label, split, int(done["patches"]), done["tissue_fraction"],
-                                   done["xy"], resumed=True, sources={"af": done["af"], "he": done["he"]})
+                                   done["xy"], resumed=True, sources={"af": done["af"], "he": done["he"]},
+                                   alignment=done.get("alignment", {}))
         except (ValueError, KeyError):
             pass
         shutil.rmtree(final, ignore_errors=True)
 
     size = options.size
     thumb_max = max(64, int(np.ceil(max(op.he.width, op.he.height) * THUMB_PX_PER_PATCH / size)))
-    thumb, downsample = op.he.thumbnail(thumb_max)
+    if op.transform is None:
+        thumb, downsample = op.he.thumbnail(thumb_max)
+    else:  # the H&E seen through the registration, on the AF grid
+        thumb, downsample = registered_thumbnail(op.af, op.he, op.transform, thumb_max)
     mask = tissue_mask_he(thumb)
-    patches = patch_grid(mask, downsample, op.he.width, op.he.height, size, options.stride, options.min_tissue)
+    patches = patch_grid(mask, downsample, op.af.width, op.af.height, size, options.stride, options.min_tissue)
+    keep, alignment, warning = alignment_check(op.af, op.he, op.transform, [(q.x, q.y) for q in patches], size,
+                                               op.af.mpp or op.he.mpp, options.max_shift)
+    if warning:
+        progress.warn(f"{p.he}: {warning}")
+    patches = [q for q, k in zip(patches, keep) if k]
     tmp = out / "slides" / f".{p.slide_id}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -262,14 +310,15 @@ def _tile_slide(
             he_arr.close()
         if not (af_arr.complete and he_arr.complete):
             raise RuntimeError(f"{p.slide_id}: patch arrays incomplete")
+        progress.finish("patches")
         result = SlideResult(
             p.slide_id, p.label, split, n, [round(q.tissue_fraction, 4) for q in patches],
-            [[q.x, q.y] for q in patches], skipped=None if n else "no tissue found",
-            sources={"af": fingerprint(p.af), "he": fingerprint(p.he)},
+            [[q.x, q.y] for q in patches], skipped=None if n else _why_empty(op, size),
+            sources={"af": fingerprint(p.af), "he": fingerprint(p.he)}, alignment=alignment,
         )
         info = {"complete": True, "slide_id": p.slide_id, "label": p.label, "split": split, "patches": n,
                 "mask_downsample": downsample, "tissue_area_fraction": float(mask.mean()),
-                "tissue_fraction": result.tissue_fraction, "xy": result.xy,
+                "tissue_fraction": result.tissue_fraction, "xy": result.xy, "alignment": alignment,
                 **result.sources, "mpp": op.af.mpp or op.he.mpp}
         (tmp / "slide.json").write_text(json.dumps(info))
         os.replace(tmp, final)
@@ -325,7 +374,9 @@ def tile(
     pairs = read_pairs(pairs_csv)
     splits = assign_splits(pairs, options.split_seed)
     opened, channels, dtype = _open_and_check(pairs)
+    created = not out.exists()
     try:
+        check_sizes(opened, options.size)
         settings = _settings(options, pairs, channels, dtype)
         _prepare_out(out, settings, force)
         progress.start("slides", "slides", len(opened))
@@ -336,6 +387,7 @@ def tile(
                 progress.warn(f"{op.pair.he}: {r.skipped}; slide skipped")
             results.append(r)
             progress.advance("slides")
+        progress.finish("slides")
         if all(r.resumed for r in results) and (out / "dataset.json").exists() and (out / "index.csv").exists():
             return TileSummary(out, results, channels)  # complete already: keep its record (and fingerprint)
         norm = af_normalization(out, results, channels)
@@ -352,7 +404,7 @@ def tile(
             "af_normalization": norm,
             "slides": {
                 r.slide_id: {"label": r.label, "split": r.split, "patches": r.patches,
-                             **r.sources,
+                             **r.sources, "alignment": r.alignment,
                              "mpp": op.af.mpp or op.he.mpp, **({"skipped": r.skipped} if r.skipped else {})}
                 for r, op in zip(results, opened)
             },
@@ -361,6 +413,13 @@ def tile(
         }
         _write_index(out, results)
         write_json(out / "dataset.json", meta)
+        for split, labels in missing_labels(results).items():
+            progress.warn(f"the {split} split has no patches with label(s) {labels} that other splits have "
+                          f"(StainNet/FSD need every label in train and val); try another --split-seed or add slides")
+    except Exception:
+        if created:  # nothing of a failed first run is left behind (Ctrl-C keeps it: tile resumes)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         for op in opened:
             op.close()

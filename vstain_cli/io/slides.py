@@ -1,46 +1,38 @@
-"""Slide readers: one small interface over AF (tifffile) and H&E (OpenSlide, tifffile).
+"""Slide readers: one small interface over AF and H&E slides, and the routing to them.
 
-Every reader returns pixels channels-last, ``(h, w, C)``, in the source dtype.
-AF never goes through OpenSlide: it silently returns channel 0 of a
-multi-channel TIFF as grey (docs/data.md).
+AF: OME-TIFF, QPTIFF and plain TIFF (tifffile, here), CZI (``io/czi``) and
+OME-Zarr (``io/ngff``), detected from the file's content (``detect_format``).
+H&E: OpenSlide, or tifffile for RGB TIFFs. Every reader returns pixels
+channels-last, ``(h, w, C)``, in the source dtype. AF never goes through
+OpenSlide: it silently returns channel 0 of a multi-channel TIFF as grey
+(docs/data.md).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import tifffile
 
 from vstain_cli.errors import InputError
+from vstain_cli.io.slide_base import (  # noqa: F401 - re-exported: the readers' common names
+    SUPPORTED_AF_DTYPES,
+    SlideBase,
+    SlideReader,
+    _check_file,
+    _check_path,
+    _short,
+    _thumbnail,
+    check_af_dtype,
+)
 
-SUPPORTED_AF_DTYPES = (np.uint8, np.uint16, np.float32)
-
-
-class SlideReader(Protocol):
-    """What every slide reader offers."""
-
-    path: Path
-    width: int
-    height: int
-    channels: int
-    dtype: np.dtype
-    mpp: float | None
-    level_dimensions: list[tuple[int, int]]  # (width, height) per level
-
-    def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
-        """Pixels ``(h, w, channels)`` at ``level``; x, y in that level's pixels."""
-
-    def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
-        """A downsampled view (long side <= max_size) and its downsample factor."""
-
-    def close(self) -> None:
-        """Release file handles."""
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 # ----------------------------------------------------------------------------- tifffile
@@ -119,12 +111,14 @@ class _PageRegions:
         return out
 
 
-class TiffSlide:
+class TiffSlide(SlideBase):
     """A (multi-channel) slide read lazily with tifffile, region by region.
 
     Layouts: one page with C samples per pixel (contig or planar), or C
-    single-sample pages (OME ``CYX``, ImageJ). Pyramid levels come from the
-    series' levels (OME SubIFDs or top-level reduced pages).
+    single-sample pages (OME ``CYX``, ImageJ, Akoya/PerkinElmer QPTIFF). Pyramid
+    levels come from the series' levels (OME SubIFDs, QPTIFF reduced-resolution
+    pages, or top-level reduced pages). ``format`` says which: ``ome-tiff``,
+    ``qptiff`` or ``tiff``.
     """
 
     def __init__(self, path: str | Path):
@@ -137,6 +131,20 @@ class TiffSlide:
         except Exception as e:  # tifffile raises many kinds for bad files
             raise InputError(f"not a readable TIFF ({_short(e)})", self.path) from None
         self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self._open_levels(levels)
+        except BaseException:
+            self.close()
+            raise
+        first = self._levels[0]
+        self.width, self.height = self.level_dimensions[0]
+        self.channels = first[0].samples if len(first) == 1 else len(first)
+        self.dtype = np.dtype(first[0].dtype)
+        self.axes = levels[0].axes
+        self.format = "qptiff" if self._tif.is_qpi else "ome-tiff" if self._tif.is_ome else "tiff"
+        self.mpp = _tiff_mpp(self._tif)
+
+    def _open_levels(self, levels: list) -> None:
         size = os.fstat(self._fd).st_size
         self._levels: list[list[_PageRegions]] = []
         self.level_dimensions: list[tuple[int, int]] = []
@@ -150,12 +158,6 @@ class TiffSlide:
                 raise InputError(f"unsupported TIFF layout (axes {lvl.axes})", self.path)
             self._levels.append([_PageRegions(p, self._fd) for p in pages])
             self.level_dimensions.append((pages[0].imagewidth, pages[0].imagelength))
-        first = self._levels[0]
-        self.width, self.height = self.level_dimensions[0]
-        self.channels = first[0].samples if len(first) == 1 else len(first)
-        self.dtype = np.dtype(first[0].dtype)
-        self.axes = levels[0].axes
-        self.mpp = _tiff_mpp(self._tif)
 
     def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
         readers = self._levels[level]
@@ -163,32 +165,25 @@ class TiffSlide:
             return readers[0].read(x, y, w, h)
         return np.concatenate([r.read(x, y, w, h) for r in readers], axis=2)
 
-    def thumbnail(self, max_size: int, channel_sum: bool = False) -> tuple[np.ndarray, float]:
-        return _thumbnail(self, max_size, channel_sum)
-
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
         self._tif.close()
 
-    def __enter__(self) -> "TiffSlide":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
-    """Microns per pixel from OME PhysicalSizeX, Aperio MPP, or resolution tags."""
+    """Microns per pixel from OME PhysicalSizeX, QPTIFF PixelSizeMicrons, Aperio MPP, or resolution tags."""
     if tif.is_ome:
-        import re
-
         m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
         if m:
             return float(m.group(1))
     page = tif.pages[0]
     desc = page.description or ""
+    if tif.is_qpi:
+        m = re.search(r"<PixelSizeMicrons>\s*([0-9.eE+-]+)\s*</PixelSizeMicrons>", desc)
+        if m and float(m.group(1)) > 0:
+            return float(m.group(1))
     if "MPP = " in desc:
         try:
             return float(desc.split("MPP = ")[1].split("|")[0])
@@ -210,7 +205,7 @@ def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
 # ----------------------------------------------------------------------------- OpenSlide
 
 
-class OpenSlideSlide:
+class OpenSlideSlide(SlideBase):
     """An RGB brightfield slide through OpenSlide (SVS, NDPI, MRXS, tiled TIFF, DICOM)."""
 
     channels = 3
@@ -238,17 +233,8 @@ class OpenSlideSlide:
         rgba = np.asarray(self._slide.read_region((int(x * ds), int(y * ds)), level, (w, h)))
         return _rgba_to_rgb(rgba)
 
-    def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
-        return _thumbnail(self, max_size)
-
     def close(self) -> None:
         self._slide.close()
-
-    def __enter__(self) -> "OpenSlideSlide":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
@@ -261,63 +247,60 @@ def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return np.minimum(out, 255).astype(np.uint8)
 
 
-# ----------------------------------------------------------------------------- helpers
+def detect_format(path: str | Path) -> str:
+    """``tiff`` (plain, OME or QPTIFF), ``czi``, ``ome-zarr`` or ``unknown``, from the content.
 
-
-def _short(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return msg[:160]
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError("file not found", path)
-    if not path.is_file():
-        raise InputError("not a file", path)
-    if not os.access(path, os.R_OK):
-        raise InputError("file is not readable (permission denied)", path)
-
-
-def _thumbnail(slide: SlideReader, max_size: int, channel_sum: bool = False) -> tuple[np.ndarray, float]:
-    """Block-mean thumbnail from the smallest level that is still >= the target size.
-
-    Streams by row bands so memory stays bounded for level-0-only slides.
-    ``channel_sum`` returns the sum over channels (h, w, 1) float32: what a
-    tissue mask of a 26-channel AF slide needs, at 1/26 of the memory.
+    The suffix decides only for content no reader recognises, so that a damaged
+    ``.czi`` or ``.zarr`` gets that format's error rather than a TIFF one.
     """
-    target = max(slide.width, slide.height) / max_size
-    factor = max(1, math.ceil(target))
-    best = 0
-    for i, (w, h) in enumerate(slide.level_dimensions):
-        ds = slide.width / w
-        if ds <= factor + 1e-6:
-            best = i
-    lw, lh = slide.level_dimensions[best]
-    lds = slide.width / lw
-    k = max(1, int(round(factor / lds)))  # block size at that level
-    ow, oh = lw // k, lh // k
-    out = np.empty((oh, ow, 1 if channel_sum else slide.channels), np.float32)
-    band = max(k, (2048 // k) * k)
-    for y in range(0, oh * k, band):
-        hh = min(band, oh * k - y)
-        region = slide.read_region(0, y, ow * k, hh, level=best).astype(np.float32)
-        if channel_sum:
-            region = region.sum(axis=2, keepdims=True)
-        out[y // k : (y + hh) // k] = region.reshape(hh // k, k, ow, k, -1).mean(axis=(1, 3))
-    if channel_sum:
-        return out, float(lds * k)
-    if np.issubdtype(slide.dtype, np.integer):
-        out = np.rint(out).astype(slide.dtype)
-    return out, float(lds * k)
+    from vstain_cli.io.czi import CZI_MAGIC
+    from vstain_cli.io.ngff import is_zarr
+
+    path = Path(path)
+    if path.is_dir():
+        return "ome-zarr" if is_zarr(path) or path.suffix.lower() == ".zarr" else "unknown"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        head = b""
+    if head[:4] in TIFF_MAGICS:
+        return "tiff"
+    if head.startswith(CZI_MAGIC):
+        return "czi"
+    suffix = path.suffix.lower()
+    return {".czi": "czi", ".zarr": "ome-zarr"}.get(suffix, "unknown")
 
 
-def open_af(path: str | Path) -> TiffSlide:
-    """Open an AF slide (tifffile only) and check its dtype."""
-    slide = TiffSlide(path)
-    if slide.dtype not in [np.dtype(d) for d in SUPPORTED_AF_DTYPES]:
-        slide.close()
-        raise InputError(f"AF dtype {slide.dtype} not supported (uint8, uint16 or float32)", path)
+def open_af(path: str | Path) -> SlideReader:
+    """Open an AF slide of any supported format (detected from the file) and check its dtype."""
+    path = Path(path)
+    _check_path(path)
+    kind = detect_format(path)
+    if kind == "czi":
+        from vstain_cli.io.czi import CziSlide
+
+        slide: SlideReader = CziSlide(path)
+    elif kind == "ome-zarr":
+        from vstain_cli.io.ngff import NgffSlide
+
+        slide = NgffSlide(path)
+    elif path.is_dir():
+        raise InputError("not a file (a folder, and not an OME-Zarr image)", path)
+    else:
+        slide = TiffSlide(path)
+    check_af_dtype(slide)
     return slide
+
+
+def open_image(path: str | Path) -> SlideReader:
+    """Open an image vstain wrote (pyramidal TIFF or OME-Zarr) for reading back."""
+    path = Path(path)
+    if detect_format(path) == "ome-zarr":
+        from vstain_cli.io.ngff import NgffSlide
+
+        return NgffSlide(path)
+    return TiffSlide(path)
 
 
 def open_he(path: str | Path) -> SlideReader:

@@ -254,7 +254,8 @@ def write_pyramids(specs: list[dict[str, Any]], strips: Iterable[tuple[np.ndarra
     """Write several pyramids from one stream of strip tuples, each in its own thread.
 
     ``specs[i]`` holds the ``write_pyramid`` arguments (``path``, ``height``,
-    ``width``, ``samples``, ``dtype`` and options) for the ``i``-th element of
+    ``width``, ``samples``, ``dtype`` and options; ``writer`` another writer
+    with the same arguments) for the ``i``-th element of
     every tuple yielded by ``strips``. Memory stays bounded by ``queue_size``
     strips per output. On any error no output is left behind.
     """
@@ -275,8 +276,9 @@ def write_pyramids(specs: list[dict[str, Any]], strips: Iterable[tuple[np.ndarra
     def worker(spec: dict[str, Any], q: queue.Queue) -> None:
         try:
             spec = dict(spec)
-            write_pyramid(spec.pop("path"), consume(q), spec.pop("height"), spec.pop("width"),
-                          spec.pop("samples"), spec.pop("dtype", np.uint8), **spec)
+            writer = spec.pop("writer", write_pyramid)  # e.g. io/ngff.write_ngff (same arguments)
+            writer(spec.pop("path"), consume(q), spec.pop("height"), spec.pop("width"),
+                   spec.pop("samples"), spec.pop("dtype", np.uint8), **spec)
         except BaseException as e:  # surfaced in the caller's thread
             errors.append(e)
             while q.get() is not done:  # keep draining so the producer never blocks
@@ -300,5 +302,11 @@ def write_pyramids(specs: list[dict[str, Any]], strips: Iterable[tuple[np.ndarra
             t.join()
     if errors:
         for s in specs:  # an output whose writer finished before the failure is removed too
-            Path(s["path"]).unlink(missing_ok=True)
+            p = Path(s["path"])
+            if p.is_dir():
+                import shutil
+
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
         raise errors[0]
