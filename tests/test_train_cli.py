@@ -39,7 +39,7 @@ def _one_error_line(result, needle: str) -> None:
 def test_cli_errors_are_one_line(tiny_dataset, tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["train", "--preset", "nope", "--data", str(tiny_dataset), "--out", str(tmp_path / "r")])
-    _one_error_line(r, "available: diffusion-b")
+    _one_error_line(r, "diffusion-b, diffusion-br")
     r = runner.invoke(app, ["train", "--preset", "tiny-regression", "--data", str(tmp_path / "missing")])
     _one_error_line(r, "dataset folder not found")
     r = runner.invoke(app, ["train", "--preset", "tiny-regression", "--data", str(tiny_dataset),

@@ -58,7 +58,8 @@ def test_every_kind_trains_and_writes_a_run(tiny_dataset, tmp_path, name):
         ema = state["objective"]["ema"]
         assert all(torch.equal(tensors[k], ema[k]) for k in tensors)
         assert not all(torch.equal(tensors[k], state["objective"]["nets"]["net"][k]) for k in tensors)
-    assert not progress.warnings
+    # the tiny dataset's splits lack labels (a StainNet is told so); nothing else is wrong
+    assert not [w for w in progress.warnings if "split has no slide with label" not in w]
 
 
 def _first_batch(dataset):

@@ -10,6 +10,7 @@ step s therefore continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from vstain_cli import progress as prog
 from vstain_cli import seeding
 from vstain_cli.data.loader import PatchDataset, StepBatchSampler, spread_indices
 from vstain_cli.data.store import DatasetInfo, open_dataset
 from vstain_cli.errors import InputError
 from vstain_cli.io.images import sample_grid, write_png
-from vstain_cli.progress import NullProgress, Progress
+from vstain_cli.progress import Interrupted, NullProgress, Progress, StopFlag, stop_on_signals
 from vstain_cli.provenance import ensure_writable_dir
 from vstain_cli.train import checkpoint, run_folder
 from vstain_cli.train.distributed import Dist
@@ -54,6 +56,16 @@ def check_dataset(info: DatasetInfo, preset: Preset) -> None:
         bad = sorted({e.label for e in info.slides.values() if not 0 <= e.label < n})
         if bad:
             raise InputError(f"slide labels {bad} outside 0..{n - 1} (preset has n_classes = {n})", meta)
+
+
+def missing_labels(info: DatasetInfo) -> dict[str, list[int]]:
+    """Per split with patches: the labels present in another split but absent from it."""
+    by_split: dict[str, set[int]] = {}
+    for e in info.slides.values():
+        if e.n:
+            by_split.setdefault(e.split, set()).add(e.label)
+    every = set().union(*by_split.values()) if by_split else set()
+    return {s: sorted(every - labels) for s, labels in sorted(by_split.items()) if every - labels}
 
 
 def train(
@@ -104,6 +116,10 @@ def _train(preset: Preset, info: DatasetInfo, out: Path, dist: Dist, *, resume: 
         if mode == "fresh":
             run_folder.clear(out)
         run_folder.write_config(out, config)
+        if preset.kind == "stainnet":
+            for split, labels in missing_labels(info).items():
+                progress.warn(f"the {split} split has no slide with label(s) {labels}: StainNet cannot learn or "
+                              f"be checked on them there; re-tile with another --split-seed or add slides")
 
     amp = Amp(precision, dist.device)
     torch.manual_seed(seeding.train_seed(t.seed, 0, 0, seeding.INIT))  # weight initialisation
@@ -124,6 +140,11 @@ def _train(preset: Preset, info: DatasetInfo, out: Path, dist: Dist, *, resume: 
         start = int(state["step"])
         if dist.is_main:
             run_folder.truncate_metrics(out, start)
+    if dist.is_main:
+        if mode == "resume":
+            prog.info(progress, f"{preset.name}: resumed at step {start} from {out / checkpoint.STATE}")
+        else:
+            prog.info(progress, f"{preset.name}: no checkpoint in {out}, starting at step 0")
     dist.barrier()
     obj.wrap(dist.wrap)
 
@@ -166,6 +187,11 @@ class _Loop:
         return self.t.lr * factor
 
     def run(self) -> None:
+        """Train to ``steps``; on SIGINT/SIGTERM checkpoint the current step and raise Interrupted."""
+        with stop_on_signals() as stop:
+            self._run(stop)
+
+    def _run(self, stop: StopFlag) -> None:
         t, d = self.t, self.dist
         title = f"training {self.preset.name}" + (f" from step {self.start}" if self.start else "")
         self.progress.start("train", title, t.steps - self.start)
@@ -192,12 +218,27 @@ class _Loop:
                        **{k: v / n_acc for k, v in acc.items()},
                        "images_per_s": n_acc * t.batch_size / max(dt, 1e-9)}
                 self._log(rec)
+                prog.update(self.progress, "train", loss=rec["loss"], lr=lr)
                 acc, n_acc, t_log = {}, 0, time.perf_counter()
             if done % t.val_every == 0 or last:
                 self._validate(done)
-            if done % t.checkpoint_every == 0 or last:
+            stopping = not last and self._stop_requested(stop)  # once per step: every rank agrees
+            if done % t.checkpoint_every == 0 or last or stopping:
                 self._checkpoint(done)
+            if stopping:
+                raise Interrupted(f"{signal.Signals(stop.signum).name}: training stopped at step {done} of "
+                                  f"{t.steps}; checkpoint written to {self.out / checkpoint.STATE}; rerun the same "
+                                  f"command to resume", stop.signum)
         self.progress.finish("train")
+
+    def _stop_requested(self, stop: StopFlag) -> bool:
+        """True on every rank when any rank got SIGINT/SIGTERM."""
+        d = self.dist
+        if d.active:
+            flag = d.all_reduce_sum(torch.tensor([float(bool(stop))], device=d.device))
+            if float(flag) > 0 and not stop:
+                stop.signum = signal.SIGTERM
+        return bool(stop)
 
     def _check_finite(self, step: int, logs: dict[str, float]) -> None:
         d = self.dist
@@ -225,11 +266,15 @@ class _Loop:
         if d.is_main:
             self.obj.train(False)
             try:
+                prog.update(self.progress, "train", phase="validation")
                 self.last_val = self._val_metrics(step)
                 if self.last_val:
                     self._log({"step": step, "split": "val", **self.last_val})
+                    self._check_chance(step)
+                prog.update(self.progress, "train", phase="sample grid")
                 self._sample_grid(step)
             finally:
+                prog.update(self.progress, "train", phase=None)
                 self.obj.train(True)
         d.barrier()
 
@@ -256,6 +301,17 @@ class _Loop:
         out["patches"] = count
         return out
 
+    def _check_chance(self, step: int) -> None:
+        """At the last step, warn when a StainNet's validation accuracy is at or below chance."""
+        acc = self.last_val.get("accuracy")
+        if acc is None or self.preset.kind != "stainnet" or step != self.t.steps:
+            return
+        chance = 1.0 / self.preset.stainnet.n_classes
+        if acc <= chance + 1e-9:
+            self.progress.warn(f"StainNet validation accuracy {acc:.3f} is at or below chance ({chance:.3f}): "
+                               f"FSD computed with it means little (train longer, or check that every split "
+                               f"holds every label)")
+
     def _sample_grid(self, step: int) -> None:
         t = self.t
         ds = self.val_set if len(self.val_set) else self.train_set
@@ -276,6 +332,7 @@ class _Loop:
 
     def _checkpoint(self, step: int) -> None:
         d = self.dist
+        prog.update(self.progress, "train", phase="checkpoint")
         if d.is_main:
             meta = {"format": "vstain-weights", "kind": self.preset.kind, "preset": self.preset.name,
                     "step": step, "channels": self.info.channels,
@@ -290,4 +347,5 @@ class _Loop:
                 "rng": checkpoint.rng_state(),
             })
         self.last_ckpt = step
+        prog.update(self.progress, "train", phase=None)
         d.barrier()
