@@ -144,15 +144,21 @@ def test_uncertainty_panel_for_calibrated_diffusion_run(diff_run, tmp_path):
 
     run_dir = _calibrated(diff_run, "calibrated")
     opts = EvaluateOptions(data=diff_run / "dataset", models=[run_dir], names=["B"], steps=2, seed=3, n_boot=50,
-                           grid_rows=4, uncertainty_rows=2, uncertainty_samples=4, device="cpu",
-                           out_dir=tmp_path / "o")
+                           grid_rows=4, uncertainty_rows=2, device="cpu", out_dir=tmp_path / "o")
     res = evaluate(opts)
     u = res.results["uncertainty"]["B"]
+    # no --uncertainty-samples: the calibration's own count (4)
     assert u["lam"] == 1.32 and u["samples"] == 4 and u["n"] == 2 and u["nominal_coverage"] == pytest.approx(0.9)
+    assert u["interval"] == "multiplicative" and u["calibration_mismatch"] is None
+    sampling = {"protocol": "fast", "sampler": "ddim", "steps": 2, "eta": 0.0}
+    assert u["sampling"] == sampling and res.results["models"]["B"]["sampling"] == sampling
+    saved = json.loads(res.paths["score.json"].read_text())
+    assert saved["models"]["B"]["sampling"] == sampling and saved["provenance"]["config"]["protocol"] == "fast"
     assert 0.0 <= u["coverage"] <= 1.0 and len(u["coverage_per_tile"]) == 2
     assert u["calibration"].endswith("calibration.json")
     html = res.paths["report.html"].read_text()
     assert "<h2>Uncertainty</h2>" in html and "B width" in html and "B lower" in html and "&lambda; = 1.32" in html
+    assert "<th>sampling</th>" in html and "DDIM-2, eta 0" in html and "(multiplicative)" in html
     assert not any("uncertainty panel skipped" in n for n in res.notes)
     # the panel's tiles are the first example tiles, and its coverage is reproducible from the run
     assert u["tiles"] == [res.results["tiles"][i] for i in grid_pick(len(res.results["tiles"]), 4, 3)[:2]]
@@ -160,7 +166,7 @@ def test_uncertainty_panel_for_calibrated_diffusion_run(diff_run, tmp_path):
     rows = [real.names.index(t) for t in u["tiles"]]
     run = load_run(run_dir, "cpu")
     samples = draw_samples(run, real.af(rows), 4, steps=2, seed=3)
-    iv = uncertainty.credible_interval(samples, 1.32)
+    iv = uncertainty.credible_interval(samples, 1.32, form="multiplicative")
     assert u["coverage"] == pytest.approx(uncertainty.coverage(he_to_unit(real.images[rows]), iv.lower, iv.upper))
 
 
@@ -170,14 +176,32 @@ def test_no_calibration_note_and_bad_calibration(diff_run, tmp_path):
     assert NO_CALIBRATION == "uncertainty panel skipped: no calibration.json (run `vstain calibrate`)"
     assert NO_CALIBRATION in res.notes and NO_CALIBRATION in res.results["notes"]
     assert "uncertainty" not in res.results and "<h2>Uncertainty</h2>" not in res.paths["report.html"].read_text()
-    # made with another sampler: panel drawn, with a note
+    # made with another sampler and sample count: panel drawn, with a loud warning (score.json and report)
     mismatched = _calibrated(diff_run, "mismatched", sampler="ddpm")
     res = evaluate(EvaluateOptions(data=diff_run / "dataset", models=[mismatched], steps=2, n=4, n_boot=50,
                                    grid_rows=2, uncertainty_samples=2, device="cpu", out_dir=tmp_path / "b"))
-    assert "mismatched" in res.results["uncertainty"]
-    assert any("made differently (sampler ddpm -> ddim)" in n for n in res.notes)
+    u = res.results["uncertainty"]["mismatched"]
+    assert "made differently (sampler ddpm -> ddim, samples 4 -> 2)" in u["calibration_mismatch"]
+    assert any("made differently (sampler ddpm -> ddim, samples 4 -> 2)" in w for w in res.warnings)
+    assert any("made differently" in w for w in json.loads(res.paths["score.json"].read_text())["warnings"])
+    html = res.paths["report.html"].read_text()
+    assert "class=warn>mismatched: calibration.json was made differently" in html
+    assert "not calibrated for these settings" in html
     # a corrupt calibration.json fails up front, naming the file, before anything is written
     (mismatched / "calibration.json").write_text("{")
     with pytest.raises(InputError, match="corrupt calibration file"):
         evaluate(EvaluateOptions(data=diff_run / "dataset", models=[mismatched], out_dir=tmp_path / "c"))
     assert not (tmp_path / "c" / "score.json").exists()
+
+
+def test_paper_protocol_samples_ddpm_with_T_steps(diff_run, tmp_path):
+    res = evaluate(EvaluateOptions(data=diff_run / "dataset", models=[diff_run / "diff"], names=["B"],
+                                   protocol="paper", n=2, n_boot=20, grid_rows=0, device="cpu",
+                                   out_dir=tmp_path / "p"))
+    rec = {"protocol": "paper", "sampler": "ddpm", "steps": 1000, "eta": 1.0}  # the micro run's T
+    assert res.results["models"]["B"]["sampling"] == rec
+    assert "DDPM-1000, eta 1 (paper)" in res.paths["report.html"].read_text()
+    with pytest.raises(InputError, match="--protocol paper runs the model's T steps; drop --steps 2"):
+        evaluate(EvaluateOptions(data=diff_run / "dataset", models=[diff_run / "diff"], protocol="paper", steps=2,
+                                 out_dir=tmp_path / "q"))
+    assert not (tmp_path / "q").exists()

@@ -155,21 +155,61 @@ def test_fd_rises_monotonically_with_blur():
     assert fds[-1] > 20 * fds[0]
 
 
-def test_fd_bootstrap_interval():
-    rng = np.random.default_rng(0)
-    f1, f2 = rng.normal(size=(200, 8)), rng.normal(size=(200, 8)) + 0.3
-    fd = metrics.fd_from_features(f1, f2).value
-    lo, hi = metrics.fd_bootstrap(f1, f2, n_boot=60, seed=3)
+def two_gaussians(rng, n, d, shift=0.3):
+    """Features of two different Gaussians: N(0, I) and N(shift, diag(0.7..1.3)^2)."""
+    return rng.normal(size=(n, d)), rng.normal(size=(n, d)) * np.linspace(0.7, 1.3, d) + shift
+
+
+def test_fd_interval_contains_estimate_where_bootstrap_misses_it():
+    # N close to D (as FID with a few thousand tiles): duplicated rows of a
+    # with-replacement bootstrap inflate FD, so its percentile interval lies
+    # entirely above the estimate (the bug of issue 9); subsampling does not.
+    rng = np.random.default_rng(4)
+    f1, f2 = two_gaussians(rng, 60, 30)
+    fd = metrics.fd_value(f1, f2)
+    boot = [metrics.fd_value(f1[rng.integers(0, 60, 60)], f2[rng.integers(0, 60, 60)]) for _ in range(40)]
+    assert np.quantile(boot, 0.025) > fd  # the old interval misses the estimate
+    lo, hi = metrics.fd_interval(f1, f2, n_sub=40, seed=3)
     assert 0 <= lo < fd < hi
-    assert (lo, hi) == metrics.fd_bootstrap(f1, f2, n_boot=60, seed=3)
+    assert (lo, hi) == metrics.fd_interval(f1, f2, n_sub=40, seed=3)
+
+
+def test_fd_interval_coverage_and_width_monte_carlo():
+    # E[FD_N] and sd(FD_N) from 300 fresh draws; the intervals of 40 data sets
+    # must cover E[FD_N] ~95 % of the time with a half-width ~1.96 sd.
+    rng = np.random.default_rng(0)
+    n, d = 80, 6
+    ref = np.array([metrics.fd_value(*two_gaussians(rng, n, d)) for _ in range(300)])
+    hits, half = 0, []
+    for r in range(40):
+        f1, f2 = two_gaussians(rng, n, d)
+        lo, hi = metrics.fd_interval(f1, f2, n_sub=60, seed=r)
+        assert lo <= metrics.fd_value(f1, f2) <= hi
+        hits += lo <= ref.mean() <= hi
+        half.append((hi - lo) / 2)
+    assert hits / 40 >= 0.85
+    assert 0.75 < np.mean(half) / (1.96 * ref.std()) < 1.35
+
+
+def test_fd_interval_paired_unequal_and_small_sets():
+    rng = np.random.default_rng(1)
+    f1, f2 = two_gaussians(rng, 50, 4)
+    lo, hi = metrics.fd_interval(f1, f2, n_sub=30, paired=True)
+    assert lo < metrics.fd_value(f1, f2) < hi
+    lo2, hi2 = metrics.fd_interval(f1, f2[:31], n_sub=30)  # unequal N: paired is ignored
+    assert lo2 < metrics.fd_value(f1, f2[:31]) < hi2
+    with pytest.raises(ValueError, match="at least 3"):
+        metrics.fd_interval(f1[:2], f2, n_sub=10)
+    with pytest.raises(ValueError, match="fraction"):
+        metrics.fd_interval(f1, f2, fraction=1.0)
 
 
 @pytest.mark.parametrize("n", [12, 40])  # singular (low-rank form) and full-rank covariances
-def test_fd_bootstrap_torch_backend_matches_numpy(n):
+def test_fd_interval_torch_backend_matches_numpy(n):
     rng = np.random.default_rng(n)
     f1, f2 = rng.normal(size=(n, 16)), rng.normal(size=(n + 3, 16)) + 0.2
-    a = metrics.fd_bootstrap(f1, f2, n_boot=15, seed=1)
-    b = metrics.fd_bootstrap(f1, f2, n_boot=15, seed=1, device="cpu")
+    a = metrics.fd_interval(f1, f2, n_sub=15, seed=1)
+    b = metrics.fd_interval(f1, f2, n_sub=15, seed=1, device="cpu")
     np.testing.assert_allclose(a, b, rtol=1e-9)
 
 

@@ -148,6 +148,8 @@ def test_score_model_runs_with_stainnet(trained, tmp_path):
     assert res["tiles"] == [f"s{6 + i // 6}_{i % 6:06d}" for i in pick]
     html = (tmp_path / "o" / "report.html").read_text()
     assert "AF (false colour)" in html
+    assert m["sampling"] == {"protocol": "fast", "sampler": "ddim", "steps": 2, "eta": 0.0}
+    assert "B: sampled with DDIM-2, eta 0" in r.stderr and "DDIM-2, eta 0" in html
     # the saved samples are the model's output for those tiles with that seed, bit for bit
     saved = np.load(tmp_path / "o" / "samples-B.npy")
     import torch

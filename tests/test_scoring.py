@@ -79,11 +79,64 @@ def test_bad_image_sets(tmp_path):
     with pytest.raises(InputError, match="one size") as e:
         scoring.load_images(tmp_path / "mixed")
     assert "b.png" in str(e.value)
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "grey.png")
-    (tmp_path / "g").mkdir()
-    (tmp_path / "grey.png").rename(tmp_path / "g" / "grey.png")
-    with pytest.raises(InputError, match="RGB"):
-        scoring.load_images(tmp_path / "g")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(InputError, match="cannot read image") as e:
+        scoring.load_images(tmp_path / "bad")
+    assert "x.png" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_load_converts_modes_as_pytorch_fid(tmp_path):
+    # Real files of every PIL mode pytorch-fid meets; each is read back through
+    # Image.open(...).convert("RGB") and checked against known pixel values.
+    d = tmp_path / "modes"
+    d.mkdir()
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    Image.fromarray(grey, "L").save(d / "a_grey.png")
+    Image.fromarray(grey[..., None].repeat(2, 2) | np.array([0, 255], np.uint8), "LA").save(d / "b_la.png")
+    wide = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 5).astype(np.uint16)  # 0..315
+    Image.fromarray(wide).save(d / "c_i16.png")
+    pal = Image.fromarray((np.arange(64).reshape(8, 8) % 3).astype(np.uint8), "P")
+    pal.putpalette([200, 10, 30, 20, 150, 40, 5, 6, 250] + [0] * 759)
+    pal.save(d / "d_pal.png")
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 10, 120, 230, np.arange(8, dtype=np.uint8)[:, None] * 30
+    Image.fromarray(rgba, "RGBA").save(d / "e_rgba.png")
+    cmyk = np.zeros((8, 8, 4), np.uint8)
+    cmyk[:, :4] = (255, 0, 0, 0)   # pure cyan -> RGB (0, 255, 255)
+    cmyk[:, 4:] = (0, 0, 0, 128)   # 50 % black -> grey 127
+    Image.fromarray(cmyk, "CMYK").save(d / "f_cmyk.jpg", quality=100, subsampling=0)
+    p = NullProgress()
+    s = scoring.load_images(d, progress=p)
+    assert s.names == ["a_grey", "b_la", "c_i16", "d_pal", "e_rgba", "f_cmyk"]
+    assert s.images.dtype == np.uint8 and s.images.shape == (6, 3, 8, 8)
+    np.testing.assert_array_equal(s.images[0], np.stack([grey] * 3))
+    np.testing.assert_array_equal(s.images[1], np.stack([grey] * 3))  # alpha dropped
+    np.testing.assert_array_equal(s.images[2], np.stack([np.minimum(wide, 255)] * 3))  # PIL clips at 255
+    colours = np.array([[200, 10, 30], [20, 150, 40], [5, 6, 250]], np.uint8)
+    np.testing.assert_array_equal(s.images[3].transpose(1, 2, 0), colours[np.arange(64).reshape(8, 8) % 3])
+    blue = np.array([10, 120, 230], np.uint8)[:, None, None]
+    np.testing.assert_array_equal(s.images[4], np.broadcast_to(blue, (3, 8, 8)))
+    cmyk_rgb = s.images[5].astype(int)
+    assert np.abs(cmyk_rgb[:, :, :4] - np.array([0, 255, 255])[:, None, None]).max() <= 3
+    assert np.abs(cmyk_rgb[:, :, 4:] - 127).max() <= 3
+    for i, f in enumerate(sorted(d.iterdir())):  # bit-identical to pytorch-fid's reader
+        np.testing.assert_array_equal(s.images[i], np.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1))
+    assert len(p.warnings) == 1 and "1 tiles" in p.warnings[0] and "clips" in p.warnings[0]
+
+
+def test_load_tiff_fallback_and_unconvertible(tmp_path):
+    import tifffile
+
+    x = he_like_tiles(1, size=16)[0]
+    (tmp_path / "t").mkdir()
+    tifffile.imwrite(tmp_path / "t" / "planar.tif", x, photometric="rgb", planarconfig="separate")  # Pillow cannot
+    np.testing.assert_array_equal(scoring.load_images(tmp_path / "t").images[0], x)
+    (tmp_path / "f").mkdir()
+    tifffile.imwrite(tmp_path / "f" / "float.tif", x.transpose(1, 2, 0).astype(np.float32), photometric="rgb")
+    with pytest.raises(InputError, match="no RGB conversion for a float32 TIFF") as e:
+        scoring.load_images(tmp_path / "f")
+    assert "float.tif" in str(e.value) and "\n" not in str(e.value)
 
 
 def _set(images, names, src="x"):
@@ -134,6 +187,9 @@ def test_score_image_sets_identity_noise_and_unpaired():
     assert copy["metrics"]["SSIM"]["value"] == pytest.approx(1.0)
     m = nz["metrics"]
     assert m["FSD"]["value"] > 1.0
+    for fd in (m["FSD"], ot["metrics"]["FSD"]):  # subsampling intervals contain the estimate
+        assert 0 <= fd["lo"] < fd["value"] < fd["hi"]
+    assert "subsampling" in res["settings"]["fd_interval"]
     assert m["L1"]["lo"] <= m["L1"]["value"] <= m["L1"]["hi"]
     assert 8 < m["L1"]["value"] < m["L2"]["value"] < 13  # N(0, 12) noise, clipped and rounded
     assert 25 < m["PSNR"]["value"] < 30
@@ -175,6 +231,17 @@ def test_write_report_self_contained(tmp_path):
     assert "Uncertainty" in text and "Examples" in text and 'class="best"' in text
     assert "http" not in text.replace("http-equiv", "")  # nothing fetched from the network
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_fd_interval_needs_three_tiles():
+    real = he_like_tiles(3, size=16, seed=1)
+    kw = dict(feature_extractors={"FSD": simple_features}, n_boot=20, fd_boot=10)
+    fd = scoring.score_image_sets(real, {"a": he_like_tiles(3, size=16, seed=2)}, **kw)["models"]["a"]["metrics"]["FSD"]
+    assert fd["lo"] <= fd["value"] <= fd["hi"]
+    res = scoring.score_image_sets(real[:2], {"a": he_like_tiles(2, size=16, seed=2)}, **kw)
+    fd = res["models"]["a"]["metrics"]["FSD"]
+    assert fd["value"] > 0 and np.isnan(fd["lo"]) and np.isnan(fd["hi"])
+    assert any("at least 3 tiles" in w for w in res["warnings"])
 
 
 def test_fd_needs_two_tiles_and_uint8():

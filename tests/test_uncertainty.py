@@ -11,6 +11,7 @@ from scipy import stats
 
 from vstain_cli.errors import InputError
 from vstain_cli.uq.intervals import (
+    FORMS,
     Calibration,
     calibrate_lambda,
     coverage,
@@ -20,6 +21,7 @@ from vstain_cli.uq.intervals import (
     hb_ucb,
     image_risk_curve,
     interval_risks,
+    multiplicative_interval,
     pixel_risk,
     required_lambda,
     sample_quantiles,
@@ -53,8 +55,30 @@ def test_scaled_interval_around_median():
     np.testing.assert_allclose(a, lo) and np.testing.assert_allclose(b, hi)
     a, b = scaled_interval(lo, hi, np.array([2.0, 0.0]), 0.0)  # centre clipped into [lo, hi]
     np.testing.assert_allclose(a, [1.0, 0.0]) and np.testing.assert_allclose(b, [1.0, 0.0])
-    maps = credible_interval(np.random.default_rng(1).normal(size=(20, 3, 4, 4)), lam=1.5)
+    maps = credible_interval(np.random.default_rng(1).normal(size=(20, 3, 4, 4)), lam=1.5, form="centered")
     assert (maps.width >= 0).all() and (maps.lower <= maps.median).all()
+
+
+def test_multiplicative_interval_is_conffusions():
+    """[l / lam, u * lam] on [0, 1] intensities, clipped (Horwitz & Hoshen 2022)."""
+    lo, hi = np.array([0.2, 0.0, 0.6]), np.array([0.6, 0.3, 0.9])
+    a, b = multiplicative_interval(lo, hi, 1.5, (0.0, 1.0))
+    np.testing.assert_allclose(a, [0.2 / 1.5, 0.0, 0.4])
+    np.testing.assert_allclose(b, [0.9, 0.45, 1.0])  # 1.35 clipped to 1
+    # model space [-1, 1] and 0-255 map onto [0, 1] and back
+    a2, b2 = multiplicative_interval(2 * lo - 1, 2 * hi - 1, 1.5)
+    np.testing.assert_allclose(a2, 2 * a - 1) and np.testing.assert_allclose(b2, 2 * b - 1)
+    a3, b3 = multiplicative_interval(255 * lo, 255 * hi, 1.5, (0.0, 255.0))
+    np.testing.assert_allclose(a3, 255 * a) and np.testing.assert_allclose(b3, 255 * b)
+    a, b = multiplicative_interval(lo, hi, 1.0, (0.0, 1.0))
+    np.testing.assert_allclose(a, lo) and np.testing.assert_allclose(b, hi)
+    # not affine-invariant, unlike the centered form: widening grows with intensity
+    samples = np.random.default_rng(1).uniform(-1, 1, size=(20, 3, 4, 4))
+    m = credible_interval(samples, lam=1.5, form="multiplicative")
+    c = credible_interval(samples, lam=1.5, form="centered")
+    assert (m.lower <= c.median).all() and (m.upper >= c.median).all() and not np.allclose(m.lower, c.lower)
+    with pytest.raises(ValueError, match="unknown interval form"):
+        credible_interval(samples, lam=1.5, form="additive")
 
 
 def test_pixel_risk_units():
@@ -68,21 +92,31 @@ def test_pixel_risk_units():
     assert pixel_risk(np.ones((3, 1, 1)), lo[0, :, :1, :1], hi[0, :, :1, :1]) == 0  # inclusive bounds
 
 
-def test_required_lambda_agrees_with_pixel_risk():
+@pytest.mark.parametrize("form", FORMS)
+def test_required_lambda_agrees_with_pixel_risk(form):
     rng = np.random.default_rng(2)
-    s = rng.normal(size=(20, 6, 3, 8, 8))  # 20 samples of 6 images
-    t = rng.normal(size=(6, 3, 8, 8)) * 1.3
+    s = np.clip(0.4 * rng.normal(size=(20, 6, 3, 8, 8)), -1, 1)  # 20 samples of 6 images, model range
+    t = np.clip(0.4 * rng.normal(size=(6, 3, 8, 8)) * 1.3, -1, 1)
     lo, hi, med, _ = sample_quantiles(s)
     grid = np.array([0.0, 0.5, 1.0, 1.32, 2.0, 4.0])
-    curves = interval_risks(t, lo, hi, med, grid)
+    curves = interval_risks(t, lo, hi, med, grid, form)
     assert curves.shape == (6, 6)
     for k, lam in enumerate(grid):
-        a, b = scaled_interval(lo, hi, med, lam)
-        np.testing.assert_allclose(curves[k], pixel_risk(t, a, b), atol=1e-12)
+        a, b = credible_interval(s, lam, form=form).lower, credible_interval(s, lam, form=form).upper
+        np.testing.assert_allclose(curves[k], pixel_risk(t, a, b), atol=1e-3)  # float32 maps: ties may flip
     assert (np.diff(curves, axis=0) <= 0).all()  # nested intervals: risk non-increasing
-    ls = required_lambda(np.array([0.0, 1.0, -1.0]), np.zeros(3), np.zeros(3), np.zeros(3))
+    assert curves[0].min() > 0.9 and curves[-1].max() < curves[2].min()
+    np.testing.assert_allclose(image_risk_curve(t[0], lo[0], hi[0], med[0], grid, form), curves[:, 0])
+
+
+def test_required_lambda_edges():
+    ls = required_lambda(np.array([0.0, 1.0, -1.0]), np.zeros(3), np.zeros(3), np.zeros(3), "centered")
     assert ls[0] == 0 and np.isinf(ls[1]) and np.isinf(ls[2])  # zero-width sides never cover
-    np.testing.assert_allclose(image_risk_curve(t[0], lo[0], hi[0], med[0], grid), curves[:, 0])
+    # multiplicative on [0, 1]: lambda* = max(l / y, y / u)
+    y, lo, hi = np.array([0.5, 0.1, 0.0, 0.0, 0.3]), np.array([0.2, 0.2, 0.0, 0.1, 0.0]), np.array([0.4, 0.4, 0.2, 0.2, 0.0])
+    ls = required_lambda(y, lo, hi, None, "multiplicative", (0.0, 1.0))
+    np.testing.assert_allclose(ls[:3], [1.25, 2.0, 0.0])
+    assert np.isinf(ls[3]) and np.isinf(ls[4])  # y = 0 < l: l / lam > 0 always; u = 0 < y: u * lam = 0
 
 
 # ----------------------------------------------------------------------------- HB bound
@@ -148,7 +182,7 @@ def test_calibration_recovers_known_lambda():
     grid = np.round(np.arange(4.0, 10.0, 0.01), 2)
     for n in (500, 8000):
         t, lo, hi, c = synthetic_batch(rng, n)
-        cal = calibrate_lambda(interval_risks(t, lo, hi, c, grid), grid, alpha, delta)
+        cal = calibrate_lambda(interval_risks(t, lo, hi, c, grid, "centered"), grid, alpha, delta)
         # what RCPS should pick given the exact risk curve: smallest lambda with UCB < alpha
         ok = [lam for lam in grid if hb_pvalue(float(true_risk(lam)), n, alpha) < delta]
         assert cal.lam >= lam_true - 0.02
@@ -179,19 +213,53 @@ def test_coverage_after_calibration_on_held_out_data():
     trials = 40
     for _ in range(trials):
         t, lo, hi, c = synthetic_batch(rng, 100, shape=(3, 4, 4))
-        cal = calibrate_lambda(interval_risks(t, lo, hi, c, grid), grid, alpha, delta)
+        cal = calibrate_lambda(interval_risks(t, lo, hi, c, grid, "centered"), grid, alpha, delta)
         failures += true_risk(cal.lam) > alpha
     assert failures <= 2 * delta * trials
     t, lo, hi, c = synthetic_batch(rng, 400)
-    cal = calibrate_lambda(interval_risks(t, lo, hi, c, grid), grid, alpha, delta)
+    cal = calibrate_lambda(interval_risks(t, lo, hi, c, grid, "centered"), grid, alpha, delta)
     t2, lo2, hi2, c2 = synthetic_batch(rng, 400)
-    report = coverage_report(t2, lo2, hi2, c2, cal.lam, alpha)
+    report = coverage_report(t2, lo2, hi2, c2, cal.lam, alpha, "centered")
     assert report["coverage"] >= 1 - alpha
     assert report["images_within_alpha"] > 0.9 and report["n"] == 400
 
 
-def test_end_to_end_from_diffusion_like_samples():
-    """20 samples per input from the right distribution: lambda near 1, coverage >= 90 %."""
+def multiplicative_batch(rng, n, shape=(3, 8, 8)):
+    """On [0, 1]: l = m / 2, u = m, y = m U with U ~ Uniform(0.25, 2), m in [0.05, 0.5].
+
+    y is inside [l / lam, u lam] iff 0.5 / lam <= U <= lam, so for lam in [0.5, 2] the
+    population risk is R(lam) = (1.75 - lam + 0.5 / lam) / 1.75; R = 0.1 at the
+    root of lam^2 - 1.575 lam - 0.5 = 0, lam_true = 1.8459.
+    """
+    m = rng.uniform(0.05, 0.5, (n, *shape))
+    return m * rng.uniform(0.25, 2.0, (n, *shape)), m / 2, m, m
+
+
+def test_multiplicative_calibration_recovers_known_lambda():
+    rng = np.random.default_rng(6)
+    alpha, delta = 0.1, 0.1
+    lam_true = (1.575 + math.sqrt(1.575**2 + 2.0)) / 2
+    grid = np.round(np.arange(0.5, 3.0, 0.005), 3)
+    n = 3000
+    t, lo, hi, m = multiplicative_batch(rng, n)
+    cal = calibrate_lambda(interval_risks(t, lo, hi, m, grid, "multiplicative", (0.0, 1.0)), grid, alpha, delta,
+                           interval="multiplicative")
+    exact = [lam for lam in grid if hb_pvalue((1.75 - lam + 0.5 / lam) / 1.75, n, alpha) < delta]
+    assert lam_true - 0.01 <= cal.lam < lam_true + 0.06 and abs(cal.lam - min(exact)) < 0.03
+    assert cal.interval == "multiplicative" and cal.ucb < alpha
+    t2, lo2, hi2, m2 = multiplicative_batch(rng, 500)
+    rep = coverage_report(t2, lo2, hi2, m2, cal.lam, alpha, "multiplicative", (0.0, 1.0))
+    assert rep["coverage"] >= 1 - alpha
+    # the centered form of the same intervals needs another lambda: the forms are not interchangeable
+    # (centered around the midpoint 0.75 m: |U - 0.75| <= lam / 4, R = 0.1 at lam = 4.3)
+    wide = np.round(np.arange(0, 10, 0.01), 2)
+    cen = calibrate_lambda(interval_risks(t, lo, hi, 0.75 * m, wide, "centered"), wide, alpha, delta)
+    assert 4.25 < cen.lam < 4.45
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_end_to_end_from_diffusion_like_samples(form):
+    """20 samples per input from the right distribution: lambda near 1, coverage >= 90 %, in either form."""
     rng = np.random.default_rng(5)
 
     def batch(n):
@@ -200,10 +268,11 @@ def test_end_to_end_from_diffusion_like_samples():
         lo, hi, med, _ = sample_quantiles(samples)
         return mu + s * rng.normal(size=(n, 3, 8, 8)), lo, hi, med
 
-    cal = calibrate_lambda(interval_risks(*batch(300)), alpha=0.1, delta=0.1, samples=20)
+    cal = calibrate_lambda(interval_risks(*batch(300), form=form), alpha=0.1, delta=0.1, samples=20,
+                           interval=form)
     assert 0.9 < cal.lam < 1.6
     t, lo, hi, med = batch(300)
-    lo, hi = cal.interval(lo, hi, med)
+    lo, hi = cal.apply(lo, hi, med)
     assert coverage(t, lo, hi) >= 0.9
 
 
@@ -212,11 +281,17 @@ def test_calibration_json_round_trip_and_errors(tmp_path):
                       grid=[0.0, 10.0, 1001.0])
     path = tmp_path / "calibration.json"
     cal.to_json(path)
-    assert json.loads(path.read_text())["format"] == "vstain-calibration"
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "vstain-calibration" and doc["format_version"] == 2
+    assert doc["interval"] == "multiplicative" and doc["samples"] == 20
     assert Calibration.from_json(path) == cal
+    legacy = {k: v for k, v in doc.items() if k != "interval"} | {"format_version": 1}
+    path.write_text(json.dumps(legacy))
+    assert Calibration.from_json(path).interval == "centered"  # version 1 only knew the centered form
     bad = tmp_path / "bad.json"
     for text in ("{not json", json.dumps({"lam": 1.0}), json.dumps({"format": "vstain-calibration"}),
-                 json.dumps({**cal.to_dict(), "lam": -1}), json.dumps({**cal.to_dict(), "n": "many"}), "[]"):
+                 json.dumps({**cal.to_dict(), "lam": -1}), json.dumps({**cal.to_dict(), "n": "many"}), "[]",
+                 json.dumps({**cal.to_dict(), "interval": "additive"})):
         bad.write_text(text)
         with pytest.raises(InputError) as e:
             Calibration.from_json(bad)

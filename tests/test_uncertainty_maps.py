@@ -26,12 +26,17 @@ from vstain_cli.cli.main import app
 from vstain_cli.data.store import normalize_af
 from vstain_cli.errors import InputError, OutputExistsError
 from vstain_cli.infer.run import Run
+from vstain_cli.infer.wholeslide import RegionStats
+from vstain_cli.io.masks import SlideMask
+from vstain_cli.io.slides import TiffSlide
 from vstain_cli.io.tiff import read_provenance, write_pyramid
 from vstain_cli.progress import NullProgress
 from vstain_cli.train.loop import train
 from vstain_cli.uq.intervals import Calibration
 from vstain_cli.uq.maps import (
     FILES,
+    RegionMaps,
+    ScaleChoice,
     UncertaintyOptions,
     apply_heatmap,
     heatmap_lut,
@@ -63,9 +68,10 @@ class GaussianOracle(nn.Module):
         return (x - a.sqrt() * x0) / (1 - a).clamp_min(1e-8).sqrt()
 
 
-def oracle_run(path: Path, channels: int = 4, tile: int = 32, sigma: float = SIGMA) -> Run:
-    """A diffusion Run around ``GaussianOracle`` (AF normalised with 900..5000 like the tiny dataset)."""
-    preset = micro("tiny-diffusion", model={"attention_levels": []})
+def oracle_run(path: Path, channels: int = 4, tile: int = 32, sigma: float = SIGMA, timesteps: int = 1000) -> Run:
+    """A diffusion Run around ``GaussianOracle`` (AF normalised with 900..5000 like the tiny dataset;
+    cosine schedule of ``timesteps`` steps)."""
+    preset = micro("tiny-diffusion", model={"attention_levels": []}, diffusion={"timesteps": timesteps})
     schedule = preset.diffusion.build_schedule()
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text("{}")
@@ -156,7 +162,9 @@ def test_maps_match_the_oracle(oracle_maps, env):
     assert 10 < np.median(w[tissue]) < 60
     assert w[:8, :8].max() == 0 and (_read(res, "mean")[:8, :8] == 255).all()  # glass: white, no spread
     s = res.summary
-    assert s["mean_width_tissue"] > s["mean_width_all"] > 0 and 0.2 < s["tissue_fraction"] < 0.6
+    # (the fade ring around the section keeps the oracle's dark glass prediction as its lower bound,
+    # so the mean over the whole slide is not below the tissue's)
+    assert s["mean_width_tissue"] > 10 and s["mean_width_all"] > 0 and 0.2 < s["tissue_fraction"] < 0.6
 
 
 def test_heatmap_scale_and_provenance(oracle_maps):
@@ -191,17 +199,25 @@ def test_deterministic_and_seeded(oracle_maps, env, tmp_path):
 def test_calibration_scales_and_force(oracle_maps, env, tmp_path):
     run, res, _ = oracle_maps
     cal = tmp_path / "cal.json"
-    Calibration(lam=2.0, alpha=0.1, delta=0.1, risk=0.05, ucb=0.08, n=100, samples=6).to_json(cal)
+    Calibration(lam=2.0, alpha=0.1, delta=0.1, risk=0.05, ucb=0.08, n=100, samples=6, interval="centered").to_json(cal)
     doc = json.loads(cal.read_text())
-    cal.write_text(json.dumps({**doc, "sampler": "ddpm", "steps_effective": 5}))
+    cal.write_text(json.dumps({**doc, "sampler": "ddpm", "steps_effective": 5, "eta": 0.0}))
     out = tmp_path / "unc"
     out.mkdir()
-    p = NullProgress()
+    opts = {k: v for k, v in OPTS.items() if k != "samples"}  # samples: the calibration's (6)
     with pytest.raises(OutputExistsError):
-        uncertainty_slide(env["af"], run, out, UncertaintyOptions(**OPTS), calibration=cal)
-    r2 = uncertainty_slide(env["af"], run, out, UncertaintyOptions(**OPTS), calibration=cal, force=True, progress=p)
-    assert r2.lam == 2.0 and r2.calibration == cal
-    assert any("sampler ddpm -> ddim" in w for w in p.warnings) and not any("no calibration" in w for w in p.warnings)
+        uncertainty_slide(env["af"], run, out, UncertaintyOptions(**opts), calibration=cal)
+    # made with another sampler (DDPM: eta 1 too): refused, in one line naming the differences
+    with pytest.raises(InputError, match=r"other settings \(sampler ddpm -> ddim, eta 1.0 -> 0.0\)"):
+        uncertainty_slide(env["af"], run, out, UncertaintyOptions(**opts), calibration=cal, force=True)
+    cal.write_text(json.dumps({**doc, "sampler": "ddim", "steps_effective": 5, "eta": 0.0}))
+    with pytest.raises(InputError, match=r"samples 6 -> 8"):
+        uncertainty_slide(env["af"], run, out, UncertaintyOptions(**{**opts, "samples": 8}), calibration=cal,
+                          force=True)
+    p = NullProgress()
+    r2 = uncertainty_slide(env["af"], run, out, UncertaintyOptions(**opts), calibration=cal, force=True, progress=p)
+    assert r2.lam == 2.0 and r2.calibration == cal and r2.samples == 6 and r2.interval == "centered"
+    assert not any("calibration" in w for w in p.warnings)
     ratio = np.median(_read(r2, "width_float")[150:234, 200:312]) / np.median(_read(res, "width_float")[150:234, 200:312])
     assert ratio == pytest.approx(2.0, rel=0.05)  # same samples, interval scaled around the median
     assert json.loads(r2.files["json"].read_text())["lam"] == 2.0
@@ -218,13 +234,107 @@ def test_calibration_scales_and_force(oracle_maps, env, tmp_path):
         uncertainty_slide(env["af"], run, tmp_path / "precious", UncertaintyOptions(**OPTS), force=True)
 
 
+def test_multiplicative_calibration_on_0_255(oracle_maps, env, tmp_path):
+    """A multiplicative calibration gives [l / lam, u * lam] on [0, 1], i.e. l / lam and min(255, u lam) in 0-255."""
+    run, res, _ = oracle_maps
+    cal = tmp_path / "cal.json"
+    Calibration(lam=1.25, alpha=0.1, delta=0.1, risk=0.05, ucb=0.08, n=100, samples=6).to_json(cal)
+    r = uncertainty_slide(env["af"], run, tmp_path / "m", UncertaintyOptions(**OPTS), calibration=cal)
+    meta = json.loads(r.files["json"].read_text())
+    assert meta["interval"] == "multiplicative" and meta["lam"] == 1.25 and meta["eta"] == 0.0
+    inner = (slice(150, 234), slice(200, 312))  # tissue weight 1: no fade
+    lo0, hi0 = _read(res, "lower")[inner].astype(float), _read(res, "upper")[inner].astype(float)
+    lo1, hi1 = _read(r, "lower")[inner].astype(float), _read(r, "upper")[inner].astype(float)
+    np.testing.assert_allclose(lo1, lo0 / 1.25, atol=1.0)  # uint8 rounding of both
+    np.testing.assert_allclose(hi1, np.minimum(255, hi0 * 1.25), atol=1.5)
+
+
+class _FakeMask:
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def box(self, y0, y1, x0, x1):
+        return np.ones((y1 - y0, x1 - x0), bool)
+
+    def soft_box(self, y0, y1, x0, x1):
+        return np.full((y1 - y0, x1 - x0), self.weight, np.float32)
+
+
+class _FakeSampler:
+    """Sample k of every region is the constant 100 + 10 k (unblended, as RegionMaps asks)."""
+
+    def __init__(self, weight: float) -> None:
+        self.mask, self.stats, self.blend_glass = _FakeMask(weight), RegionStats(), True
+
+    def __call__(self, region, sample_index=0):
+        y0, y1, x0, x1 = region.outer
+        return np.full((y1 - y0, x1 - x0, 3), 100.0 + 10 * sample_index, np.float32)
+
+
+def test_quantiles_of_unblended_samples_then_the_fade():
+    """At tissue weight s > 0 the interval is [l, s u + (1 - s) 255]: blending the samples first would give
+    [s l + (1 - s) 255, s u + (1 - s) 255], s times narrower. Glass (s = 0) is white."""
+    from types import SimpleNamespace
+
+    samples = 100.0 + 10 * np.arange(6)
+    l, u, mean = np.quantile(samples, 0.05), np.quantile(samples, 0.95), samples.mean()
+    region = SimpleNamespace(outer=(0, 4, 0, 5), index=0)
+    for s in (1.0, 0.5, 0.2):
+        fake = _FakeSampler(s)
+        maps = RegionMaps(fake, 6, ScaleChoice(), NullProgress())(region)
+        assert fake.blend_glass is False  # RegionMaps asks for the model's own pixels
+        np.testing.assert_allclose(maps[..., 0:3], l, rtol=1e-6)
+        np.testing.assert_allclose(maps[..., 3:6], s * u + (1 - s) * 255, rtol=1e-6)
+        np.testing.assert_allclose(maps[..., 6:9], s * mean + (1 - s) * 255, rtol=1e-6)
+        width = maps[0, 0, 9]
+        assert width >= u - l - 1e-4 and (s == 1 or width > s * (u - l) + 1.0)
+    maps = RegionMaps(_FakeSampler(0.0), 6, ScaleChoice(), NullProgress())(region)
+    assert (maps[..., :9] == 255).all() and (maps[..., 9] == 0).all()  # glass (s = 0): white, as stain writes it
+
+
+def _write_he(path: Path, rgb: np.ndarray) -> Path:
+    h, w = rgb.shape[:2]
+    write_pyramid(path, [rgb], h, w, 3, np.uint8, mpp=0.5, compression="zlib", min_level_size=256)
+    return path
+
+
+def test_reference_coverage(oracle_maps, env, tmp_path):
+    """--reference: coverage of the real H&E on tissue, checked against the written maps."""
+    run, res, _ = oracle_maps
+    with TiffSlide(env["af"]) as slide:
+        tissue = SlideMask(slide, 32).box(0, 384, 0, 512)
+    lo, hi = _read(res, "lower"), _read(res, "upper")
+    # the written mean lies in [lower, upper] everywhere: coverage 1
+    ref = _write_he(tmp_path / "mean.tif", _read(res, "mean"))
+    r = uncertainty_slide(env["af"], run, tmp_path / "a", UncertaintyOptions(**OPTS), reference=ref)
+    assert r.reference["coverage"] == 1.0 and r.reference["values"] == 3 * int(tissue.sum())
+    assert r.reference["nominal_coverage"] is None  # uncalibrated
+    width = (hi.astype(float) - lo)[tissue].mean(axis=-1).mean()
+    assert r.reference["mean_width_tissue"] == pytest.approx(width)
+    # white glass everywhere: inside exactly where the upper bound is 255
+    white = _write_he(tmp_path / "white.tif", np.full((384, 512, 3), 255, np.uint8))
+    r = uncertainty_slide(env["af"], run, tmp_path / "b", UncertaintyOptions(**OPTS), reference=white)
+    assert r.reference["coverage"] == pytest.approx(float((hi[tissue] == 255).mean()))
+    assert r.reference["coverage"] < 0.5
+    meta = json.loads(r.files["json"].read_text())
+    assert meta["reference_check"]["coverage"] == r.reference["coverage"]
+    assert meta["inputs"]["reference"]["name"] == "white.tif"
+    small = _write_he(tmp_path / "small.tif", np.full((256, 512, 3), 255, np.uint8))
+    with pytest.raises(InputError, match="--reference is 512x256 px, 3 channels, the AF slide is 512x384"):
+        uncertainty_slide(env["af"], run, tmp_path / "c", UncertaintyOptions(**OPTS), reference=small)
+    assert not (tmp_path / "c").exists()
+
+
 def test_cli_subprocess(env, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # 2 threads on a busy 2-core machine run ~10x slower
     out = tmp_path / "unc"
+    white = _write_he(tmp_path / "white.tif", np.full((384, 512, 3), 255, np.uint8))
     proc = run_cli("uncertainty", str(env["af"]), "--model", str(env["diff"]), "--samples", "2", "--steps", "1",
-                   "--out", str(out), "--device", "cpu", "--batch-size", "64", "--region", "512")
+                   "--out", str(out), "--device", "cpu", "--batch-size", "64", "--region", "512",
+                   "--reference", str(white))
     assert proc.returncode == 0, proc.stderr
     assert "lambda = 1" in proc.stderr and "no calibration" in proc.stderr and "wrote" in proc.stderr
+    assert "DDIM-1, eta 0" in proc.stderr and "reference H&E coverage on tissue" in proc.stderr
     assert sorted(f.name for f in out.iterdir()) == sorted(FILES.values())
     assert openslide.OpenSlide(out / "mean.tif").level_count == 2
 
@@ -250,6 +360,10 @@ def test_cli_bad_inputs(env, tmp_path):
     assert_one_error_result(unc(env["af"], env["diff"], env["af"]), "output path is the input")
     assert_one_error_result(unc(env["af"], env["diff"], tmp_path / "o", "--samples", "1"), "--samples must be at least 2")
     assert_one_error_result(unc(env["af"], env["diff"], tmp_path / "o", "--sampler", "euler"), "unknown sampler")
+    assert_one_error_result(unc(env["af"], env["diff"], tmp_path / "o", "--protocol", "paper"),
+                            "--protocol paper runs the model's T steps; drop --steps 1")
+    assert_one_error_result(unc(env["af"], env["diff"], tmp_path / "o", "--reference", str(tmp_path / "no.tif")),
+                            "no.tif")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert_one_error_result(unc(env["af"], env["diff"], tmp_path / "o", "--calibration", str(bad)), "corrupt calibration")

@@ -13,6 +13,8 @@ from vstain_cli.cli.common import (
     device_option,
     force_option,
     handles_errors,
+    protocol_option,
+    removes_new_outputs,
     sampler_option,
     seed_option,
     steps_option,
@@ -21,15 +23,21 @@ from vstain_cli.cli.common import (
 
 @handles_errors
 def uncertainty(
-    af: Path = typer.Argument(..., help="AF slide (multi-channel OME-TIFF/TIFF)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Trained diffusion run folder (runs/NAME)."),
+    af: Path = typer.Argument(..., help="AF slide: OME-TIFF/TIFF, QPTIFF, CZI or OME-Zarr."),
+    model: Path = typer.Option(..., "--model", "-m", help="Trained diffusion run folder (runs/NAME), or the bundled phantom-diffusion."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (lower/upper/mean/width maps, uncertainty.json)."),
-    samples: int = typer.Option(20, "--samples", "-n", help="Diffusion samples per region (paper: 20)."),
+    samples: Optional[int] = typer.Option(
+        None, "--samples", "-n", help="Diffusion samples per region (default: the calibration's, else 20 as the paper)."),
     calibration: Optional[Path] = typer.Option(
         None, "--calibration",
         help="calibration.json from `vstain calibrate` (default: MODEL/calibration.json if present, else lambda = 1)."),
+    reference: Optional[Path] = typer.Option(
+        None, "--reference", metavar="HE_SLIDE",
+        help="The real H&E of the same slide (registered, same size): measure the coverage and mean width of the "
+             "intervals on tissue."),
     sampler: str = sampler_option(),
     steps: Optional[int] = steps_option(),
+    protocol: str = protocol_option(),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per network call."),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in px (default: a quarter window)."),
     region: int = typer.Option(1024, "--region",
@@ -38,23 +46,40 @@ def uncertainty(
         None, "--width-max", help="Top of the heat-map scale in 0-255 units (default: 99th percentile over tissue)."),
     device: str = device_option(),
     seed: int = seed_option("Seed: sample k uses the noise of `stain` sample index k."),
+    out_format: str = typer.Option("tiff", "--format", help="Maps as tiff (pyramidal TIFFs) or zarr (OME-Zarr images)."),
+    mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="The slide's µm/px when its file lacks or misstates it (it is resampled to the model's)."),
     force: bool = force_option("Replace an existing output folder."),
 ) -> None:
     """Sample a slide N times and write calibrated 5-95 % interval maps (lower, upper, mean, width)."""
     from vstain_cli.uq.maps import UncertaintyOptions, uncertainty_slide
 
-    options = UncertaintyOptions(sampler=sampler, steps=steps, batch_size=batch_size, overlap=overlap, region=region,
-                                 device=device, seed=seed, samples=samples, width_max=width_max)
-    with RichProgress() as progress:
-        result = uncertainty_slide(af, model, out, options, calibration=calibration, force=force, progress=progress)
+    options = UncertaintyOptions(sampler=sampler, steps=steps, protocol=protocol, batch_size=batch_size, overlap=overlap, region=region,
+                                 device=device, seed=seed, samples=samples, width_max=width_max,
+                                 mpp=mpp, out_format=out_format)
+    with removes_new_outputs(out), RichProgress() as progress:
+        result = uncertainty_slide(af, model, out, options, calibration=calibration, reference=reference,
+                                    force=force, progress=progress)
     if result is None:  # a non-zero torchrun rank
         return
     h, w = result.levels[0]
     s = result.summary
-    source = f"from {result.calibration}" if result.calibration else "uncalibrated"
+    from vstain_cli.diffusion.samplers import protocol_label
+
+    source = f"{result.interval}, from {result.calibration}" if result.calibration else "uncalibrated"
+    checked = ""
+    if result.reference is not None and result.reference["coverage"] is not None:
+        r = result.reference
+        goal = "" if r["nominal_coverage"] is None else f" (calibrated for >= {r['nominal_coverage']:.0%})"
+        checked = (f"; reference H&E coverage on tissue {r['coverage']:.1%}{goal}, mean width "
+                   f"{r['mean_width_tissue']:.1f}")
+    sc = result.scale or {}
+    resampled = (f"; read at the model's {sc['model_mpp']:g} µm/px, written at the slide's {sc['slide_mpp']:g} µm/px"
+                 if sc.get("resampled") else "")
     console.print(
-        f"[green]wrote[/] {result.out}/ ({w}x{h} px, {len(result.levels)} levels, {samples} samples) "
-        f"in {result.seconds:.1f} s; lambda = {result.lam:g} ({source}); mean interval width over tissue "
-        f"{s['mean_width_tissue']:.1f} (median {s['median_width_tissue']:.1f}, p95 {s['p95_width_tissue']:.1f}) "
-        f"in 0-255 units; heat map 0-{result.heatmap_max:g}"
+        f"[green]wrote[/] {result.out}/ ({w}x{h} px, {len(result.levels)} levels, {result.samples} samples, "
+        f"{protocol_label(result.sampling)}) in {result.seconds:.1f} s{resampled}; lambda = {result.lam:g} ({source}); "
+        f"mean interval width over tissue {s['mean_width_tissue']:.1f} (median {s['median_width_tissue']:.1f}, "
+        f"p95 {s['p95_width_tissue']:.1f}) in 0-255 units; heat map 0-{result.heatmap_max:g}{checked}",
+        highlight=False,
     )

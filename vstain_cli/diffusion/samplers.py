@@ -165,6 +165,53 @@ def resolve_steps(sampler: str, steps: int | None, T: int) -> int:
     return default_steps(sampler, T) if steps is None else int(steps)
 
 
+#: Sampling protocols of ``--protocol``: "fast" runs the --sampler/--steps/--eta given
+#: (default DDIM, 50 steps, eta 0); "paper" runs ancestral DDPM over the model's T
+#: steps, the reverse process Sridhar et al. 2023 sample (Ho et al. 2020).
+PROTOCOLS = {
+    "fast": "the --sampler, --steps and --eta given (default DDIM, 50 steps, eta 0)",
+    "paper": "ancestral DDPM over the model's T steps (the paper's reverse process; slow)",
+}
+
+
+def resolve_protocol(protocol: str, sampler: str, steps: int | None, eta: float) -> tuple[str, int | None, float]:
+    """(sampler, steps, eta) a protocol runs; ValueError for an unknown protocol or a conflicting flag.
+
+    "paper" replaces the default sampler (DDIM) by DDPM with its default steps (T);
+    an explicit other sampler or step count contradicts it.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r} (choose from {', '.join(PROTOCOLS)})")
+    if protocol == "fast":
+        return sampler, steps, eta
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"--protocol paper samples with ddpm; drop --sampler {sampler}")
+    if steps is not None:
+        raise ValueError(f"--protocol paper runs the model's T steps; drop --steps {steps}")
+    return "ddpm", None, 1.0
+
+
+def effective_eta(sampler: str, eta: float) -> float:
+    """The eta a sampler actually uses: DDPM is DDIM with eta = 1 (Song et al. 2021 eq. 16), the
+    deterministic solvers 0."""
+    spec = check_sampler(sampler)
+    if sampler == "ddpm":
+        return 1.0
+    return float(eta) if spec.stochastic or sampler == "ddim" else 0.0
+
+
+def protocol_record(protocol: str, sampler: str, steps: int | None, eta: float, T: int) -> dict[str, object]:
+    """What produced a number: {"protocol", "sampler", "steps" (effective), "eta" (effective)}."""
+    return {"protocol": protocol, "sampler": sampler, "steps": resolve_steps(sampler, steps, T),
+            "eta": effective_eta(sampler, eta)}
+
+
+def protocol_label(rec: dict[str, object]) -> str:
+    """A protocol record as a short label, e.g. "DDIM-50, eta 0" or "DDPM-1000 (paper)"."""
+    label = f"{str(rec['sampler']).upper()}-{rec['steps']}, eta {float(rec['eta']):g}"
+    return f"{label} (paper)" if rec.get("protocol") == "paper" else label
+
+
 def sample(
     denoiser: Denoiser | RawModel,
     x_T: torch.Tensor,

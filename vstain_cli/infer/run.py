@@ -22,6 +22,7 @@ from vstain_cli.diffusion.prior import empty_prior
 from vstain_cli.diffusion.samplers import StepCallback, sample
 from vstain_cli.diffusion.schedule import Schedule
 from vstain_cli.errors import InputError, VstainError
+from vstain_cli.infer.bundled import bundled_names, bundled_path
 from vstain_cli.nets.stainnet import StainNet
 from vstain_cli.provenance import read_format_json
 from vstain_cli.train.checkpoint import WEIGHTS, load_weights
@@ -114,14 +115,16 @@ def resolve_run(model: str | Path | Run, device: str = "auto") -> Run:
 def _read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / CONFIG
     if not path.is_dir():
-        raise InputError("run folder not found (train one with `vstain train`)", path)
+        names = bundled_names()
+        hint = f", or name a bundled run: {', '.join(names)}" if names else ""
+        raise InputError(f"run folder not found (train one with `vstain train`{hint})", path)
     return read_format_json(cfg_path, RUN_FORMAT, missing=("not a vstain run (no config.json)", path),
                             corrupt="corrupt run config", wrong="not a vstain run config (format field missing)")
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
-    """Load a run folder written by ``vstain train``; errors name the bad file."""
-    path = Path(path)
+    """Load a run folder written by ``vstain train`` (or a bundled run by name); errors name the bad file."""
+    path = bundled_path(path) or Path(path)
     cfg = _read_config(path)
     cfg_path = path / CONFIG
     try:

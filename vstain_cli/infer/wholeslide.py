@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from vstain_cli.diffusion.samplers import SAMPLERS, sample
-from vstain_cli.errors import InputError
+from vstain_cli.diffusion.samplers import SAMPLERS, protocol_record, resolve_protocol, sample
+from vstain_cli.errors import InputError, input_errors
 from vstain_cli.infer import stitch
 from vstain_cli.infer.run import Run, resolve_run
 from vstain_cli.io.masks import SlideMask
-from vstain_cli.io.slides import TiffSlide, open_af
+from vstain_cli.io.outputs import OUTPUT_FORMATS
+from vstain_cli.io.resample import ResampledSlide, SlideScale, plan_scale
+from vstain_cli.io.slides import TiffSlide, open_af, open_image
 from vstain_cli.progress import Progress
 from vstain_cli.provenance import atomic_output
 from vstain_cli.runtime import place
@@ -36,6 +38,7 @@ class SlideOptions:
     sampler: str = "ddim"
     steps: int | None = None
     eta: float = 0.0
+    protocol: str = "fast"          # "paper": DDPM with the model's T steps (samplers.PROTOCOLS)
     batch_size: int = 16
     overlap: int | None = None      # window overlap in px (default: 1/4 window diffusion, 1/2 others)
     region: int = 1024              # streaming region size in px
@@ -45,16 +48,23 @@ class SlideOptions:
     min_tissue: float = 0.0         # windows with tissue fraction <= this are skipped
     compression: str = "jpeg"
     quality: int = 90
+    mpp: float | None = None        # the slide's µm/px when its file lacks or misstates it (--mpp)
+    out_format: str = "tiff"        # "tiff" (pyramidal TIFF) or "zarr" (OME-Zarr), --format
 
     def check(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        resolve_protocol(self.protocol, self.sampler, self.steps, self.eta)  # ValueError on a conflict
         if self.steps is not None and not 1 <= self.steps <= 10_000:
             raise ValueError(f"--steps must be between 1 and 10000, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         if self.region < 64:
             raise ValueError("--region must be at least 64 px")
+        if self.out_format not in OUTPUT_FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.out_format!r}")
+        if self.mpp is not None and not 0.01 <= self.mpp <= 100:
+            raise ValueError(f"--mpp must be between 0.01 and 100 µm per pixel, got {self.mpp}")
 
 
 @dataclass
@@ -82,6 +92,7 @@ class RegionSampler:
         self.overlap = options.overlap if options.overlap is not None else default
         self.stats = RegionStats()
         self.progress: Progress | None = None  # set to report sampler steps within each region
+        self.blend_glass = True  # fade the section's edge into white glass (False: the model's own pixels)
 
     def _step_callback(self, region: stitch.Region) -> Callable[[int, int, torch.Tensor], None] | None:
         """Advance a "steps" bar per sampler step (a region can take minutes on a CPU)."""
@@ -135,6 +146,8 @@ class RegionSampler:
         self.stats.sample_seconds += time.perf_counter() - t0
         rgb = ((x0_pred[0].float().clamp(-1, 1) + 1.0) * 127.5).permute(1, 2, 0).cpu().numpy()
         rgb[~covered.numpy()] = 255.0
+        if not self.blend_glass:  # uncertainty takes quantiles first, then applies the tissue weight
+            return rgb
         soft = self.mask.soft_box(y0, y1, x0, x1)[..., None]
         return rgb * soft + 255.0 * (1.0 - soft)  # glass is white; the section's edge fades into it
 
@@ -202,17 +215,47 @@ def region_stream(
 
 
 def open_for_inference(af_path: str | Path, model: str | Path | Run, device: str) -> tuple[Run, TiffSlide]:
-    """Load the run and open the AF slide; check they fit each other."""
-    run = resolve_run(model, device)
-    if run.kind == "stainnet":
-        raise InputError("is a StainNet run (a classifier); choose a diffusion, regression or pix2pix run", run.path)
+    """Open the AF slide (named first when missing), load the run; check they fit each other."""
     slide = open_af(af_path)
-    if slide.channels != run.channels:
+    try:
+        run = resolve_run(model, device)
+        if run.kind == "stainnet":
+            raise InputError("is a StainNet run (a classifier); choose a diffusion, regression or pix2pix run",
+                             run.path)
+        if slide.channels != run.channels:
+            raise InputError(
+                f"AF has {slide.channels} channels but model {run.path.name} was trained on {run.channels}", af_path
+            )
+    except BaseException:
         slide.close()
-        raise InputError(
-            f"AF has {slide.channels} channels but model {run.path.name} was trained on {run.channels}", af_path
-        )
+        raise
     return run, slide
+
+
+def training_mpp(run: Run) -> float | None:
+    """The run's training scale (µm/px): its config's dataset record, else its dataset.json if still there."""
+    ds = run.config.get("dataset", {})
+    if ds.get("mpp"):
+        return float(ds["mpp"])
+    meta_path = Path(str(ds.get("root", ""))) / "dataset.json"
+    if ds.get("root") and meta_path.is_file():
+        import json
+
+        try:
+            mpp = json.loads(meta_path.read_text()).get("mpp")
+        except (OSError, ValueError):
+            return None
+        return float(mpp) if mpp else None
+    return None
+
+
+def fit_scale(run: Run, slide: TiffSlide, options: SlideOptions) -> tuple[TiffSlide, SlideScale]:
+    """The slide at the model's scale (``io/resample``) and the scale decision (warnings, output µm/px)."""
+    with input_errors():
+        scale = plan_scale(slide.mpp, options.mpp, training_mpp(run), name=str(slide.path))
+    if scale.resample:
+        slide = ResampledSlide(slide, scale.factor, mpp=scale.model_mpp)
+    return slide, scale
 
 
 def make_plan(slide: TiffSlide, run: Run, options: SlideOptions) -> list[stitch.Region]:
@@ -221,16 +264,56 @@ def make_plan(slide: TiffSlide, run: Run, options: SlideOptions) -> list[stitch.
     return stitch.region_plan(slide.height, slide.width, options.region, margin, run.tile_size)
 
 
-def write_thumbnail_png(tiff_path: Path, png_path: Path, max_size: int = 1024) -> Path:
-    """A PNG of the smallest pyramid level that is >= max_size (atomic)."""
+MAX_THUMBNAIL = 2048  # the long side of every PNG preview (thumbnail, uncertainty overlay) is at most this
+
+
+def fit_within(img: np.ndarray, max_h: int, max_w: int | None = None) -> np.ndarray:
+    """An (H, W) or (H, W, C) image shrunk by area averaging (a box filter) to at most max_h x max_w.
+
+    The aspect ratio is kept; an image that fits is returned as is. Integer images
+    stay integer (rounded), others come back as float32.
+    """
     from PIL import Image
 
-    with TiffSlide(tiff_path) as t:
+    max_w = max_h if max_w is None else max_w
+    h, w = img.shape[:2]
+    scale = min(max_h / h, max_w / w)
+    if scale >= 1.0:
+        return img
+    nh, nw = max(1, min(max_h, round(h * scale))), max(1, min(max_w, round(w * scale)))
+    planes = img.reshape(h, w, -1).astype(np.float32)
+    out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(planes[..., c]))
+                               .resize((nw, nh), Image.Resampling.BOX))
+                    for c in range(planes.shape[2])], axis=2)
+    out = out.reshape((nh, nw) + img.shape[2:])
+    if np.issubdtype(img.dtype, np.integer):
+        info = np.iinfo(img.dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(img.dtype)
+    return out
+
+
+def write_thumbnail_png(tiff_path: Path, png_path: Path, max_size: int = 1024) -> Path:
+    """A PNG of the image, block-mean downsampled so its long side is <= max_size (and <= MAX_THUMBNAIL); atomic."""
+    from PIL import Image
+
+    max_size = min(max_size, MAX_THUMBNAIL)
+    with open_image(tiff_path) as t:
         thumb, _ = t.thumbnail(max_size)
+    thumb = fit_within(thumb, max_size)  # a pyramid level can leave the block-mean view above max_size
     img = thumb[..., :3] if thumb.shape[2] >= 3 else np.repeat(thumb, 3, axis=2)
     with atomic_output(png_path) as tmp:
-        Image.fromarray(np.ascontiguousarray(img.astype(np.uint8))).save(tmp, format="PNG")
+        Image.fromarray(np.ascontiguousarray(img.astype(np.uint8))).save(tmp, format="PNG", optimize=True)
     return png_path
+
+
+def apply_protocol(options: SlideOptions, run: Run) -> tuple[SlideOptions, dict[str, Any] | None]:
+    """``options`` with the sampler, steps and eta of its protocol, and the protocol record
+    (``samplers.protocol_record``; None for runs that do not sample)."""
+    sampler, steps, eta = resolve_protocol(options.protocol, options.sampler, options.steps, options.eta)
+    resolved = replace(options, sampler=sampler, steps=steps, eta=eta)
+    if not run.is_diffusion:
+        return resolved, None
+    return resolved, protocol_record(options.protocol, sampler, steps, eta, run.schedule.T)
 
 
 def require_diffusion(run: Run) -> None:

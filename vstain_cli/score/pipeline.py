@@ -5,10 +5,22 @@ trained runs), pairs them by tile name, computes FID / FSD / L1 / L2 / PSNR /
 SSIM with bootstrap intervals (``vstain_cli.score.scoring``), and writes score.json,
 per_image.csv, report.html (``vstain_cli.score.report``) and samples-NAME.npy per run.
 
+FSD is only as good as the StainNet it uses: ``stainnet_check`` reads the run's
+last validation accuracy (metrics.jsonl) and score.json's ``stainnet`` records it
+with chance (1 / n_classes); at or below chance it is a warning (score.json and
+the report).
+
+Every sampled number carries its sampling protocol (``protocol``, sampler,
+effective steps and eta: ``models[NAME]["sampling"]`` in score.json, a column of
+the report); ``protocol="paper"`` samples with DDPM over the model's T steps.
+
 For a diffusion run with a ``RUN/calibration.json`` the report gets a Fig. 3-style
-uncertainty panel (Sridhar et al. 2023): ``uncertainty_samples`` draws for the
-first ``uncertainty_rows`` example tiles, the calibrated 5-95 % interval
-(``vstain_cli.uq.intervals``), and the coverage of the real tiles by it.
+uncertainty panel (Sridhar et al. 2023): ``uncertainty_samples`` draws (default:
+the calibration's own count) for the first ``uncertainty_rows`` example tiles,
+the calibrated 5-95 % interval in the calibration's form
+(``vstain_cli.uq.intervals``), and the coverage of the real tiles by it. A
+calibration made with another sampler, step count, eta or sample count than the
+panel's is warned about loudly (a warning in score.json and the report).
 No typer/rich here: progress flows through ``Progress``.
 """
 
@@ -22,6 +34,7 @@ import numpy as np
 
 from vstain_cli import provenance, seeding
 from vstain_cli.errors import InputError
+from vstain_cli.infer.bundled import bundled_path
 from vstain_cli.progress import NullProgress, Progress
 from vstain_cli.score import scoring
 from vstain_cli.score.scoring import ImageSet
@@ -47,6 +60,7 @@ class EvaluateOptions:
     sampler: str = "ddim"
     steps: int | None = None
     eta: float = 0.0
+    protocol: str = "fast"
     n_boot: int = 1000
     fd_boot: int = 100
     unpaired: bool = False
@@ -55,7 +69,7 @@ class EvaluateOptions:
     grid_rows: int = 6
     out_dir: Path | None = None
     force: bool = False
-    uncertainty_samples: int = 8
+    uncertainty_samples: int | None = None  # None: the calibration's own sample count
     uncertainty_rows: int = 3
 
     def __post_init__(self) -> None:
@@ -66,6 +80,11 @@ class EvaluateOptions:
         self.fakes = [Path(p) for p in self.fakes or []]
         self.models = [Path(p) for p in self.models or []]
         self.names = list(self.names) if self.names else None
+        # bundled runs by name (phantom-diffusion, ...) wherever a run folder is accepted
+        self.models = [bundled_path(m) or m for m in self.models]
+        if self.stainnet is not None:
+            self.stainnet = bundled_path(self.stainnet) or self.stainnet
+
 
 
 @dataclass
@@ -73,7 +92,8 @@ class EvaluateResult:
     """What ``evaluate`` computed and wrote."""
 
     #: The content of score.json: n_real, tile_size, models, warnings, settings,
-    #: notes, provenance, tiles (and ``uncertainty`` when a panel was drawn).
+    #: notes, provenance, tiles (and ``uncertainty`` when a panel was drawn,
+    #: ``stainnet`` (``stainnet_check``) with a StainNet run).
     results: dict[str, Any]
     #: Output name ("score.json", "report.html", "per_image.csv", "samples-NAME.npy") -> path.
     paths: dict[str, Path]
@@ -184,15 +204,15 @@ def interval_panel(samples: np.ndarray, real: np.ndarray, calibration: Any, name
 
     Columns: ``NAME mean``, ``NAME lower``, ``NAME upper`` as uint8 RGB and
     ``NAME width`` as (k, H, W) float (upper - lower within [0, 255], RGB mean). The
-    interval is the per-pixel ``q_low``-``q_high`` sample interval scaled by the
-    calibrated lambda around the median (``uncertainty.credible_interval``); the
-    record holds the coverage of the real tiles by it (all and per tile).
+    interval is the per-pixel ``q_low``-``q_high`` sample interval with the
+    calibrated lambda in the calibration's form (``intervals.credible_interval``);
+    the record holds the coverage of the real tiles by it (all and per tile).
     """
     from vstain_cli.data.store import he_to_unit, unit_to_he
     from vstain_cli.uq.intervals import credible_interval, pixel_risk
 
     cal = calibration
-    iv = credible_interval(samples, cal.lam, cal.q_low, cal.q_high)
+    iv = credible_interval(samples, cal.lam, cal.q_low, cal.q_high, cal.interval)
     target = he_to_unit(np.asarray(real))
     risk = np.atleast_1d(pixel_risk(target, iv.lower, iv.upper))
     # widths of the interval within the displayable range [-1, 1], in 0-255 units
@@ -204,7 +224,7 @@ def interval_panel(samples: np.ndarray, real: np.ndarray, calibration: Any, name
         f"{name} width": width,
     }
     record = {
-        "lam": float(cal.lam), "q_low": float(cal.q_low), "q_high": float(cal.q_high),
+        "lam": float(cal.lam), "interval": cal.interval, "q_low": float(cal.q_low), "q_high": float(cal.q_high),
         "alpha": float(cal.alpha), "nominal_coverage": 1.0 - float(cal.alpha),
         "samples": int(samples.shape[0]), "n": int(len(risk)),
         "coverage": float(1.0 - risk.mean()),
@@ -214,27 +234,96 @@ def interval_panel(samples: np.ndarray, real: np.ndarray, calibration: Any, name
     return cols, record
 
 
-def _load_calibration(run_dir: Path) -> tuple[Any, dict[str, Any]] | None:
-    """(Calibration, raw JSON) of ``run_dir/calibration.json``, None when absent; InputError when corrupt."""
-    import json
-
-    from vstain_cli.uq.intervals import Calibration
+def _load_calibration(run_dir: Path) -> Any:
+    """``CalibrationFile`` of ``run_dir/calibration.json``, None when absent; InputError when corrupt."""
+    from vstain_cli.uq.compat import CalibrationFile
 
     path = run_dir / CALIBRATION_FILE
     if not path.exists():
         return None
-    cal = Calibration.from_json(path)
-    return cal, json.loads(path.read_text())
+    return CalibrationFile.read(path)
 
 
-def _calibration_mismatch(name: str, meta: dict[str, Any], options: EvaluateOptions, run: Any) -> str | None:
-    """A note when the calibration was made with another sampler/steps/checkpoint than the panel uses."""
-    now = {"sampler": options.sampler, "steps": options.steps, "model_step": run.step}
-    diff = [f"{k} {meta[k]} -> {v}" for k, v in now.items() if k in meta and meta[k] != v]
+def _calibration_mismatch(name: str, found: Any, sampling: dict[str, Any], samples: int, run: Any) -> str | None:
+    """A warning when the calibration was made with other settings than the panel uses."""
+    from vstain_cli.uq.compat import mismatches
+
+    now = {"sampler": sampling["sampler"], "steps": sampling["steps"], "eta": sampling["eta"], "samples": samples}
+    diff = mismatches(found.sampling(), now)
+    made_step = found.meta.get("model_step")
+    if made_step is not None and made_step != run.step:
+        diff.append(f"model_step {made_step} -> {run.step}")
     if not diff:
         return None
-    return (f"{name}: calibration.json was made differently ({', '.join(diff)}): its lambda may not hold; "
-            "recalibrate with the same settings")
+    return (f"{name}: calibration.json was made differently ({', '.join(diff)}): its lambda does not hold for "
+            "this panel, whose coverage is not calibrated; score with the calibration's settings or recalibrate")
+
+
+def run_sampling(run_dir: Path, protocol: str, sampler: str, steps: int | None, eta: float
+                 ) -> tuple[tuple[str, int | None, float], dict[str, Any] | None]:
+    """((sampler, steps, eta) to run, protocol record) for a run folder; the record is None unless it samples.
+
+    T comes from the run's config.json; a config that cannot be read gives None
+    here and its one-line error when the run is loaded.
+    """
+    import json
+
+    from vstain_cli.diffusion.samplers import protocol_record, resolve_protocol
+    from vstain_cli.train.presets import Preset
+
+    try:
+        resolved = resolve_protocol(protocol, sampler, steps, eta)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    try:
+        preset = Preset.from_dict(json.loads((run_dir / "config.json").read_text())["preset"])
+    except Exception:  # noqa: BLE001 - reported by load_run with the file's name
+        return resolved, None
+    if preset.kind != "diffusion":
+        return resolved, None
+    return resolved, protocol_record(protocol, *resolved, preset.diffusion.timesteps)
+
+
+def stainnet_check(run_dir: str | Path) -> dict[str, Any]:
+    """A StainNet run's last validation accuracy against chance (1 / n_classes).
+
+    From RUN/metrics.jsonl (the ``split: "val"`` records ``vstain train`` writes, the
+    latest step) and config.json's n_classes. Returns {"run", "val_accuracy",
+    "val_step", "n_classes", "chance", "at_chance"}; ``at_chance`` is True when the
+    accuracy is at or below chance, None when the run logged no validation accuracy.
+    """
+    import json
+
+    from vstain_cli.train import run_folder
+
+    run_dir = Path(run_dir)
+    n_classes = None
+    try:
+        cfg = json.loads((run_dir / run_folder.CONFIG).read_text())
+        n_classes = int(cfg["preset"]["stainnet"]["n_classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # an unreadable run is reported by load_run with the file's name
+    try:
+        records = run_folder.read_metrics(run_dir)
+    except (OSError, ValueError):
+        records = []
+    vals = [r for r in records if isinstance(r, dict) and r.get("split") == "val" and r.get("accuracy") is not None]
+    last = max(reversed(vals), key=lambda r: r.get("step", 0)) if vals else None  # latest step, last logged
+    acc = None if last is None else float(last["accuracy"])
+    chance = None if not n_classes else 1.0 / n_classes
+    at_chance = None if acc is None or chance is None else bool(acc <= chance + 1e-9)
+    return {"run": str(run_dir), "val_accuracy": acc, "val_step": None if last is None else last.get("step"),
+            "n_classes": n_classes, "chance": chance, "at_chance": at_chance}
+
+
+def stainnet_warning(rec: dict[str, Any]) -> str | None:
+    """The warning for a ``stainnet_check`` record at or below chance (None otherwise)."""
+    if not rec.get("at_chance"):
+        return None
+    return (f"StainNet {Path(rec['run']).name}: validation accuracy {rec['val_accuracy']:.3f} (step "
+            f"{rec['val_step']}) is at or below chance ({rec['chance']:.3f} = 1/{rec['n_classes']}): its features "
+            "need not tell stains apart, so FSD means little; train it longer, or re-tile so that every split "
+            "holds every label")
 
 
 def _check(o: EvaluateOptions) -> tuple[Path, Path | None, list[str]]:
@@ -263,15 +352,19 @@ def _check(o: EvaluateOptions) -> tuple[Path, Path | None, list[str]]:
     if o.stainnet is not None and not o.stainnet.is_dir():
         raise InputError("StainNet run folder not found (train one with `vstain train --preset stainnet`)", o.stainnet)
     if models:
-        from vstain_cli.diffusion.samplers import SAMPLERS
+        from vstain_cli.diffusion.samplers import SAMPLERS, resolve_protocol
 
         if o.sampler not in SAMPLERS:
             raise InputError(f"unknown --sampler {o.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        try:
+            resolve_protocol(o.protocol, o.sampler, o.steps, o.eta)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if o.out_dir is None:
         raise InputError("give an output folder (--out)")
     if o.uncertainty_rows < 0:
         raise InputError(f"uncertainty_rows must be at least 0, got {o.uncertainty_rows}")
-    if o.uncertainty_samples < 2:
+    if o.uncertainty_samples is not None and o.uncertainty_samples < 2:
         raise InputError(f"uncertainty_samples must be at least 2 (quantiles need a spread), got {o.uncertainty_samples}")
     return real, data, names
 
@@ -301,13 +394,31 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
         extractors["FID"] = scoring.inception_extractor(o.inception_weights, dev)
     else:
         notes.append("FID skipped: no --inception-weights file given")
+    stainnet_rec, first_warnings = None, []
     if o.stainnet is not None:
         extractors["FSD"] = scoring.stainnet_extractor(o.stainnet, dev)
+        stainnet_rec = stainnet_check(o.stainnet)
+        chance_warning = stainnet_warning(stainnet_rec)
+        if chance_warning:
+            prog.warn(chance_warning)
+            first_warnings.append(chance_warning)
+        elif stainnet_rec["at_chance"] is None:
+            notes.append(f"StainNet {o.stainnet.name}: no validation accuracy in its metrics.jsonl, so whether "
+                         "its features (and FSD) mean anything is unchecked")
     else:
         notes.append("FSD skipped: no --stainnet run given")
     real_full = scoring.load_images(real, split, prog)
     idx = scoring.select_tiles(len(real_full), o.n, seed)
+    if o.n is not None and o.n > len(real_full):
+        too_many = f"--n {o.n} is more than the {len(real_full)} real tiles: scoring all {len(real_full)}"
+        prog.warn(too_many)
+        first_warnings.append(too_many)
     real_set = real_full.take(idx)
+    if stainnet_rec is not None:
+        labels = scoring.dataset_labels(real, real_set.names)
+        if labels is not None:  # the paper's task on the scored real tiles: slide label from a patch
+            stainnet_rec["test"] = {"split": split, **scoring.stainnet_accuracy(o.stainnet, real_set.images, labels,
+                                                                                dev)}
     fake_sets: dict[str, ImageSet] = {}
     paired: dict[str, bool] = {}
     for nm, p in zip(names, fakes):
@@ -318,6 +429,7 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
         fake_sets[nm] = fs.take(idx) if ok else fs.take(scoring.select_tiles(len(fs), o.n, seed))
         paired[nm] = ok
     src = real_set
+    sampling: dict[str, dict[str, Any] | None] = {}
     if models:
         if Path(data).resolve() != Path(real).resolve():
             data_full = scoring.load_images(data, split, prog)
@@ -329,7 +441,8 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
                 )
             src = data_full.take(idx)
         for nm, run_dir in zip(model_names_, models):
-            tiles = scoring.sample_run_tiles(run_dir, src, dev, o.sampler, o.steps, o.eta, seed, o.batch_size, prog)
+            (sampler, steps, eta), sampling[nm] = run_sampling(run_dir, o.protocol, o.sampler, o.steps, o.eta)
+            tiles = scoring.sample_run_tiles(run_dir, src, dev, sampler, steps, eta, seed, o.batch_size, prog)
             with provenance.atomic_output(paths[f"samples-{nm}.npy"]) as tmp, open(tmp, "wb") as f:
                 np.save(f, tiles)
             fake_sets[nm] = ImageSet(tiles, list(real_set.names), str(run_dir))
@@ -347,6 +460,8 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
         fd_device=dev if dev.startswith("cuda") else None,
     )
     per_image = results.pop("per_image")
+    for nm, rec in sampling.items():  # every sampled number says how it was sampled
+        results["models"][nm]["sampling"] = rec
 
     grids, row_names, panel = None, None, {}
     pick = grid_pick(len(real_set), o.grid_rows, seed) if o.grid_rows > 0 else np.zeros(0, int)
@@ -356,8 +471,13 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
     unc_records: dict[str, Any] = {}
     if show_panel and models:
         panel, unc_records = _uncertainty(o, models, model_names_, calibrations, src, real_set,
-                                          pick[: o.uncertainty_rows], dev, notes, prog)
+                                          pick[: o.uncertainty_rows], dev, notes, prog, sampling)
+        results["warnings"] = list(results.get("warnings", [])) + [
+            w for w in prog.warnings if "calibration.json was made differently" in w]
 
+    results["warnings"] = first_warnings + [w for w in results.get("warnings", []) if w not in first_warnings]
+    if stainnet_rec is not None:
+        results["stainnet"] = stainnet_rec
     results["notes"] = notes
     if unc_records:
         results["uncertainty"] = unc_records
@@ -366,7 +486,8 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
         "data": str(data) if data else None, "names": names,
         "stainnet": str(o.stainnet) if o.stainnet else None,
         "inception_weights": str(o.inception_weights) if o.inception_weights else None, "n": o.n, "seed": seed,
-        "split": split, "sampler": o.sampler, "steps": o.steps, "eta": o.eta, "n_boot": o.n_boot,
+        "split": split, "protocol": o.protocol, "sampler": o.sampler, "steps": o.steps, "eta": o.eta,
+        "sampling": sampling, "n_boot": o.n_boot,
         "fd_boot": o.fd_boot, "unpaired": o.unpaired, "device": dev,
         "uncertainty_samples": o.uncertainty_samples, "uncertainty_rows": o.uncertainty_rows,
     }
@@ -383,7 +504,8 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
 
 def _uncertainty(o: EvaluateOptions, models: list[Path], names: list[str], calibrations: dict[str, Any],
                  src: ImageSet, real_set: ImageSet, pick: np.ndarray, dev: str, notes: list[str],
-                 progress: Progress) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                 progress: Progress, sampling: dict[str, dict[str, Any] | None]
+                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Fig. 3-style columns (AF | target | per calibrated diffusion run: mean, lower, upper, width)."""
     from vstain_cli.infer.run import load_run
     from vstain_cli.io import images as viz
@@ -399,22 +521,25 @@ def _uncertainty(o: EvaluateOptions, models: list[Path], names: list[str], calib
         if found is None:
             notes.append(NO_CALIBRATION if len(models) == 1 else f"{nm}: {NO_CALIBRATION}")
             continue
-        cal, meta = found
-        mismatch = _calibration_mismatch(nm, meta, o, run)
+        (sampler, steps, eta), rec = run_sampling(run_dir, o.protocol, o.sampler, o.steps, o.eta)
+        rec = rec or sampling.get(nm)
+        count = o.uncertainty_samples or found.cal.samples or 8
+        mismatch = _calibration_mismatch(nm, found, rec, count, run)
         if mismatch:
-            notes.append(mismatch)
-        samples = draw_samples(run, src.af(rows), o.uncertainty_samples, sampler=o.sampler, steps=o.steps,
-                               eta=o.eta, seed=o.seed, progress=progress, key=f"uncertainty:{nm}")
+            progress.warn(mismatch)
+        samples = draw_samples(run, src.af(rows), count, sampler=sampler, steps=steps,
+                               eta=eta, seed=o.seed, progress=progress, key=f"uncertainty:{nm}")
         if not cols:
             if src.af is not None:
                 cols["AF (false colour)"] = viz.af_false_colour(src.af_norm(rows))
             cols["target H&E"] = real_set.images[pick]
-        panel, record = interval_panel(samples, real_set.images[pick], cal, nm)
+        panel, record = interval_panel(samples, real_set.images[pick], found.cal, nm)
         cols.update(panel)
-        records[nm] = {"calibration": str(run_dir / CALIBRATION_FILE), **record,
+        records[nm] = {"calibration": str(run_dir / CALIBRATION_FILE), **record, "sampling": rec,
+                       "calibration_made_with": found.sampling(), "calibration_mismatch": mismatch,
                        "tiles": [real_set.names[i] for i in rows]}
     return cols, records
 
 
 __all__ = ["EvaluateOptions", "EvaluateResult", "evaluate", "model_names", "grid_pick", "grid_columns",
-           "draw_samples", "interval_panel", "NO_CALIBRATION"]
+           "draw_samples", "interval_panel", "run_sampling", "stainnet_check", "stainnet_warning", "NO_CALIBRATION"]

@@ -77,8 +77,16 @@ pre.note{white-space:pre-wrap}
 """
 
 
+def sampling_label(rec: Mapping[str, Any] | None) -> str:
+    """How a model's tiles were sampled, e.g. "DDIM-50, eta 0"; "-" for given tiles and one-pass models."""
+    from vstain_cli.diffusion.samplers import protocol_label
+
+    return protocol_label(rec) if rec else "-"
+
+
 def _metrics_table(results: Mapping[str, Any]) -> str:
     models = results.get("models", {})
+    sampled = any(r.get("sampling") for r in models.values())
     cols = [m for m in METRIC_ORDER if any(m in r["metrics"] for r in models.values())]
     best: dict[str, float] = {}
     for c in cols:
@@ -102,9 +110,12 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
             cls = ' class="best"' if len(models) > 1 and m["value"] == best.get(c) else ""
             cells.append(f"<td{cls}>{val} <span class=ci>{ci}</span></td>")
         cells.append(f"<td>{r['n']}{'' if r['paired'] else ' (unpaired)'}</td>")
+        if sampled:
+            cells.append(f"<td>{html.escape(sampling_label(r.get('sampling')))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (
-        f'<table class="metrics"><thead><tr><th>model</th>{head}<th>tiles</th></tr></thead>'
+        f'<table class="metrics"><thead><tr><th>model</th>{head}<th>tiles</th>'
+        f'{"<th>sampling</th>" if sampled else ""}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
 
@@ -167,10 +178,16 @@ def _uncertainty_caption(results: Mapping[str, Any]) -> str:
         cov, nominal = u.get("coverage"), u.get("nominal_coverage")
         cov_txt = "-" if cov is None else f"{100 * cov:.1f}%"
         goal = "" if nominal is None else f" (calibrated for &ge; {100 * nominal:.0f}% on average)"
+        if u.get("calibration_mismatch"):
+            goal = " (<b>not calibrated for these settings</b>, see the warning above)"
+        form = u.get("interval", "centered")
+        how = ("around the sample median (centered)" if form == "centered"
+               else "as [l/&lambda;, u&middot;&lambda;] on [0, 1] intensities (multiplicative)")
         lines.append(
-            f"<b>{html.escape(name)}</b>: {u.get('samples', '?')} samples per tile; the per-pixel "
+            f"<b>{html.escape(name)}</b>: {u.get('samples', '?')} samples per tile "
+            f"({html.escape(sampling_label(u.get('sampling')))}); the per-pixel "
             f"{100 * u.get('q_low', 0.05):g}-{100 * u.get('q_high', 0.95):g}% sample interval scaled by "
-            f"&lambda; = {u.get('lam', float('nan')):.3g} around the sample median "
+            f"&lambda; = {u.get('lam', float('nan')):.3g} {how} "
             f"({html.escape(str(u.get('calibration', '')))}). Real pixel values inside it on these "
             f"{u.get('n', '?')} tiles: {cov_txt}{goal}; mean width {u.get('mean_width_255', float('nan')):.1f} "
             "(0-255 RGB)."
@@ -180,6 +197,27 @@ def _uncertainty_caption(results: Mapping[str, Any]) -> str:
         "the scaled interval, and its width (upper &minus; lower within 0-255, averaged over RGB) in viridis."
     )
     return "".join(f"<p class=note>{t}</p>" for t in lines)
+
+
+def _stainnet_test(t: dict) -> str:
+    """StainNet's accuracy on the scored real tiles (slide label from a patch) and its confusion matrix."""
+    conf = t["confusion"]
+    head = "".join(f"<th>pred {j}</th>" for j in range(len(conf)))
+    rows = "".join(f"<tr><th>label {i}</th>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
+                   for i, row in enumerate(conf))
+    return (f"<h2>StainNet on the real {html.escape(str(t.get('split', 'test')))} tiles</h2>"
+            f"<p class=note>Accuracy {t['accuracy']:.3f} on {t['patches']} tiles (chance {t['chance']:.3f}); "
+            f"rows: true slide label, columns: predicted.</p><table><tr><th></th>{head}</tr>{rows}</table>")
+
+
+def _shape_section(shape: dict) -> str:
+    """Whether the paper's Table 1 shape holds here, claim by claim, with the numbers."""
+    verdict = "reproduced" if shape["reproduced"] else "not reproduced"
+    items = "".join(f"<li>{'holds' if c['holds'] else '<b>not shown</b>'}: {html.escape(c['claim'])} "
+                    f"&mdash; {html.escape(c['numbers'])}</li>" for c in shape["claims"])
+    return (f"<h2>Table 1's shape: {verdict}</h2><p class=note>Sridhar et al. 2023: regression best on L1/L2 "
+            f"and worst on FSD, pix2pix between, diffusion best on FSD. A claim holds here only when the two 95% "
+            f"intervals do not overlap.</p><ul>{items}</ul>")
 
 
 def write_report(
@@ -202,6 +240,7 @@ def write_report(
     non-negative).
     """
     from vstain_cli.provenance import atomic_output
+    from vstain_cli.score.table1 import table1_shape
 
     path = Path(path)
     settings = results.get("settings", {})
@@ -211,8 +250,9 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>",
         f"<div class=meta>{results.get('n_real', '?')} real tiles of "
         f"{'x'.join(str(s) for s in results.get('tile_size', []))} px &middot; "
-        f"95% percentile-bootstrap intervals over tiles ({settings.get('n_boot', '?')} resamples for means, "
-        f"{settings.get('fd_boot', '?')} for FD) &middot; seed {settings.get('seed', '?')} &middot; "
+        f"95% intervals over tiles: percentile bootstrap for means ({settings.get('n_boot', '?')} resamples), "
+        f"half-sample subsampling without replacement for FD ({settings.get('fd_boot', '?')} subsamples) "
+        f"&middot; seed {settings.get('seed', '?')} &middot; "
         f"{html.escape(time.strftime('%Y-%m-%d %H:%M'))}</div>",
         "<h2>Metrics</h2>",
         _metrics_table(results),
@@ -224,6 +264,18 @@ def write_report(
     ]
     for w in results.get("warnings", []):
         parts.append(f"<div class=warn>{html.escape(w)}</div>")
+    sn = results.get("stainnet") or {}
+    if sn.get("at_chance") and not any(w.startswith("StainNet ") for w in results.get("warnings", [])):
+        parts.append(f"<div class=warn>StainNet validation accuracy {sn['val_accuracy']:.3f} is at or below "
+                     f"chance ({sn['chance']:.3f}): FSD means little</div>")
+    elif sn.get("val_accuracy") is not None and sn.get("chance") is not None:
+        parts.append(f"<p class=note>FSD features: StainNet {html.escape(Path(sn['run']).name)}, validation "
+                     f"accuracy {sn['val_accuracy']:.3f} (chance {sn['chance']:.3f}).</p>")
+    if sn.get("test"):
+        parts.append(_stainnet_test(sn["test"]))
+    shape = table1_shape(results)
+    if shape is not None:
+        parts.append(_shape_section(shape))
     for note in results.get("notes", []):
         parts.append(f"<p class=note>{html.escape(note)}</p>")
     if grids:

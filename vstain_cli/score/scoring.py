@@ -24,7 +24,8 @@ from vstain_cli.score import metrics
 # Display rules and the HTML writer live in vstain_cli.score.report; re-exported for callers.
 from vstain_cli.score.report import DIGITS, HIGHER_IS_BETTER, METRIC_ORDER, format_interval, json_ready, write_report  # noqa: F401
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+#: The file types pytorch-fid reads (IMAGE_EXTENSIONS of pytorch_fid/fid_score.py).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".webp")
 
 FeatureFn = Callable[[np.ndarray], Any]
 
@@ -76,29 +77,52 @@ def _as_nchw_uint8(a: np.ndarray, path: Path) -> np.ndarray:
     raise InputError(f"expected an array of shape (N, 3, H, W) or (N, H, W, 3), got {a.shape}", path)
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """One RGB tile -> (3, H, W) uint8 (PNG/JPEG with Pillow, TIFF with tifffile)."""
+#: PIL modes whose values can exceed 255; PIL's RGB conversion clips them at 255.
+_WIDE_MODES = ("I", "F")
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, bool]:
+    """One tile -> ((3, H, W) uint8 RGB, clipped), converted as pytorch-fid does.
+
+    pytorch-fid reads every file with ``Image.open(path).convert("RGB")``; so does
+    this (CMYK, greyscale, palette, RGBA, 16-bit), so FID agrees on the same files.
+    ``clipped`` says a 16/32-bit tile had values above 255, which that conversion
+    clips to 255. TIFFs Pillow cannot decode fall back to tifffile for 8-bit
+    grey/RGB/RGBA; anything else is an InputError naming the file.
+    """
+    from PIL import Image
+
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
+        with Image.open(path) as im:
+            wide = im.mode.startswith(_WIDE_MODES)
+            clipped = wide and float(im.getextrema()[1]) > 255  # type: ignore[index]
+            a = np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input file
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            raise InputError(f"cannot read image ({type(e).__name__}: {e})", path) from None
+        return _read_tiff(path, e), False
+    return np.ascontiguousarray(a.transpose(2, 0, 1)), clipped
 
-            a = tifffile.imread(path)
-            if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
-                a = a.transpose(1, 2, 0)
-        else:
-            from PIL import Image
 
-            with Image.open(path) as im:
-                if im.mode in ("P", "RGBA", "LA"):
-                    im = im.convert("RGB")
-                a = np.asarray(im)
+def _read_tiff(path: Path, pil_error: Exception) -> np.ndarray:
+    """An 8-bit grey/RGB/RGBA TIFF that Pillow cannot decode, read with tifffile."""
+    import tifffile
+
+    try:
+        a = tifffile.imread(path)
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input file
         raise InputError(f"cannot read image ({type(e).__name__}: {e})", path) from None
-    if a.dtype != np.uint8:
-        raise InputError(f"image must be 8-bit RGB, got dtype {a.dtype}", path)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise InputError(f"image must be RGB, got shape {a.shape}", path)
-    return a[..., :3].transpose(2, 0, 1)
+    if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
+        a = a.transpose(1, 2, 0)
+    if a.dtype == np.uint8 and a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)  # as PIL's L -> RGB
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise InputError(
+            f"no RGB conversion for a {a.dtype} TIFF of shape {a.shape} "
+            f"(Pillow: {type(pil_error).__name__}: {pil_error})",
+            path,
+        )
+    return np.ascontiguousarray(a[..., :3].transpose(2, 0, 1))
 
 
 def _load_folder(folder: Path, progress: Progress) -> ImageSet:
@@ -109,13 +133,15 @@ def _load_folder(folder: Path, progress: Progress) -> ImageSet:
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise InputError(f"two tiles share the name {dup!r} (tiles pair by file name)", folder)
-    first = _read_image(files[0])
+    first, clipped = _read_image(files[0])
     out = np.empty((len(files), *first.shape), np.uint8)
     out[0] = first
+    n_clipped = int(clipped)
     progress.start("load", f"reading {folder.name}", len(files))
     progress.advance("load")
     for i, p in enumerate(files[1:], 1):
-        a = _read_image(p)
+        a, clipped = _read_image(p)
+        n_clipped += clipped
         if a.shape != first.shape:
             raise InputError(
                 f"tile size {a.shape[2]}x{a.shape[1]} differs from {files[0].name} "
@@ -125,6 +151,11 @@ def _load_folder(folder: Path, progress: Progress) -> ImageSet:
         out[i] = a
         progress.advance("load")
     progress.finish("load")
+    if n_clipped:
+        progress.warn(
+            f"{folder}: {n_clipped} tiles are 16/32-bit with values above 255; converted to RGB "
+            "as pytorch-fid does (PIL convert('RGB')), which clips them at 255"
+        )
     return ImageSet(out, names, str(folder))
 
 
@@ -146,8 +177,41 @@ def _load_dataset(root: Path, split: str) -> ImageSet:
     return ImageSet(he, names, f"{root}:{split}", af, (info.af_low, info.af_high))
 
 
+def stainnet_accuracy(run_dir: str | Path, images: np.ndarray, labels: np.ndarray, device: str = "auto",
+                      batch_size: int = 256) -> dict[str, Any]:
+    """A StainNet's accuracy and confusion matrix (rows: true label, columns: predicted) on uint8 tiles."""
+    import torch
+
+    from vstain_cli.infer.run import load_run
+
+    run = load_run(run_dir, resolve_device(device))
+    n = int(run.preset.stainnet.n_classes)
+    preds = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size])).to(run.device).float() / 127.5 - 1
+            preds.append(run.model(x).argmax(1).cpu().numpy())
+    pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+    conf = np.zeros((n, n), np.int64)
+    ok = (labels >= 0) & (labels < n)
+    np.add.at(conf, (labels[ok], pred[ok]), 1)
+    return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "confusion": conf.tolist(),
+            "patches": int(conf.sum()), "chance": 1.0 / n}
+
+
+def dataset_labels(root: str | Path, names: list[str]) -> np.ndarray | None:
+    """Slide labels of dataset tiles named ``slide_row`` (None when ``root`` is not a dataset)."""
+    root = Path(root)
+    if not (root / "dataset.json").is_file():
+        return None
+    from vstain_cli.data import store as ds
+
+    info = ds.open_dataset(root)
+    return np.array([info.slides[n.rsplit("_", 1)[0]].label for n in names], np.int64)
+
+
 def load_images(path: str | Path, split: str = "test", progress: Progress | None = None) -> ImageSet:
-    """Load tiles from a folder of PNG/JPEG/TIFF (sorted by name; the stem is the
+    """Load tiles from a folder of image files (``IMAGE_SUFFIXES``, sorted by name; the stem is the
     tile's name), a ``.npy`` array (N, 3, H, W) or (N, H, W, 3) uint8 (names are
     row numbers), or a ``vstain tile`` dataset folder's ``split``."""
     path = Path(path)
@@ -167,7 +231,7 @@ def load_images(path: str | Path, split: str = "test", progress: Progress | None
         if len(a) == 0:
             raise InputError("array holds no tiles", path)
         return ImageSet(a, [f"{i:06d}" for i in range(len(a))], str(path))
-    raise InputError("not an image set: give a folder of PNG/JPEG/TIFF tiles, a .npy array or a dataset folder", path)
+    raise InputError("not an image set: give a folder of image tiles, a .npy array or a dataset folder", path)
 
 
 def pair_with_real(real: ImageSet, fake: ImageSet, progress: Progress | None = None) -> tuple[ImageSet, bool]:
@@ -270,10 +334,12 @@ def stainnet_extractor(run_dir: str | Path, device: str = "auto") -> FeatureFn:
     """
     import torch
 
-    run_dir = Path(run_dir)
+    from vstain_cli.infer.bundled import bundled_path
+    from vstain_cli.infer.run import load_run
+
+    run_dir = bundled_path(run_dir) or Path(run_dir)
     if not run_dir.is_dir():
         raise InputError("StainNet run folder not found (train one with `vstain train --preset stainnet`)", run_dir)
-    from vstain_cli.infer.run import load_run
 
     run = load_run(run_dir, resolve_device(device))
     model = run.model
@@ -354,14 +420,15 @@ def score_image_sets(
     progress: Progress | None = None,
     fd_device: str | None = None,
 ) -> dict[str, Any]:
-    """Score fake sets against a real set; 95% bootstrap intervals on every metric.
+    """Score fake sets against a real set; 95% intervals on every metric.
 
     ``feature_extractors`` maps a metric name ("FSD", "FID") to a callable uint8
     (B, 3, H, W) -> (B, D); the FD of each fake set to the real set is computed in
-    its feature space. Paired distortion (L1, L2, PSNR, SSIM) is computed for fakes
+    its feature space, with a subsampling interval (``metrics.fd_interval``,
+    ``fd_boot`` subsamples). Paired distortion (L1, L2, PSNR, SSIM) is computed for fakes
     that are paired with ``real`` (``paired[name]``; default: same shape). The
     same bootstrap seed is used for every model; ``fd_device`` (e.g. "cuda") runs
-    the FD bootstrap in torch float64 there. Returns a JSON-ready ``summary``
+    the FD subsamples in torch float64 there. Returns a JSON-ready ``summary``
     part (``models``, ``warnings``, ``settings``) and ``per_image`` numpy arrays.
     """
     progress = progress or NullProgress()
@@ -395,12 +462,16 @@ def score_image_sets(
             if fd.warning:
                 warn(f"{k}: {fd.warning}")
             key = f"boot:{k}:{name}"
-            progress.start(key, f"{k} bootstrap {name}", fd_boot)
-            lo, hi = metrics.fd_bootstrap(
-                real_feats[k], ff, fd_boot, seed, paired=is_paired, device=fd_device,
-                callback=lambda key=key: progress.advance(key),
-            )
-            progress.finish(key)
+            if min(len(ff), len(real)) < 3:
+                warn(f"{k}: an FD interval needs at least 3 tiles per set; none given")
+                lo = hi = float("nan")
+            else:
+                progress.start(key, f"{k} interval {name}", fd_boot)
+                lo, hi = metrics.fd_interval(
+                    real_feats[k], ff, fd_boot, seed, paired=is_paired, device=fd_device,
+                    callback=lambda key=key: progress.advance(key),
+                )
+                progress.finish(key)
             res["metrics"][k] = _interval(fd.value, lo, hi)
         if is_paired:
             per_image[name] = {}
@@ -422,7 +493,8 @@ def score_image_sets(
         "tile_size": [int(real.shape[2]), int(real.shape[3])],
         "models": models,
         "warnings": warnings,
-        "settings": {"n_boot": n_boot, "fd_boot": fd_boot, "seed": seed, "level": 0.95},
+        "settings": {"n_boot": n_boot, "fd_boot": fd_boot, "seed": seed, "level": 0.95,
+                     "fd_interval": f"subsampling without replacement, {metrics.FD_SUBSAMPLE_FRACTION:g} of each set"},
         "per_image": per_image,
     }
 

@@ -1,9 +1,18 @@
 """Per-pixel credible intervals from diffusion samples, and their calibration.
 
-The paper's recipe (Sridhar et al. 2023, after Conffusion, Horwitz & Hoshen 2022):
-N = 20 samples per input, per-pixel 5th and 95th percentiles, interval scaled by a
-factor lambda calibrated on the validation split. Calibration is a risk-controlling
-prediction set (RCPS, Bates et al. 2021; im2im-uq, Angelopoulos et al. 2022):
+The paper's recipe (Sridhar et al. 2023): N = 20 samples per input, per-pixel 5th
+and 95th percentiles [l, u], and a factor lambda calibrated on the validation
+split (lambda = 1.32 in the paper). lambda enters in one of two forms (``FORMS``):
+
+* ``multiplicative`` — Conffusion's (Horwitz & Hoshen 2022), the form the paper's
+  1.32 belongs to: on intensities in [0, 1], ``[l / lambda, u * lambda]``, clipped
+  to [0, 1] (``multiplicative_interval``);
+* ``centered`` — additive around the sample median c, as in im2im-uq
+  (Angelopoulos et al. 2022) and RCPS (Bates et al. 2021):
+  ``[c - lambda (c - l), c + lambda (u - c)]`` (``scaled_interval``).
+
+Calibration is a risk-controlling prediction set (RCPS, Bates et al. 2021) in
+either form:
 
     risk of an image  = fraction of its pixel-channel values outside the interval
     lambda_hat        = smallest lambda (scanned from large to small, stopping at the
@@ -13,8 +22,10 @@ prediction set (RCPS, Bates et al. 2021; im2im-uq, Angelopoulos et al. 2022):
 so that, with probability >= 1 - delta over the calibration set, the expected risk
 on new images from the same distribution is <= alpha. See docs/uncertainty.md.
 
-Arrays are numpy, (..., 3, H, W) float in the model's [-1, 1] space (any space
-works: the calibration is invariant to affine maps of targets and intervals).
+Arrays are numpy, (..., 3, H, W) float in the model's [-1, 1] space unless a
+``value_range`` says otherwise (the centered form is invariant to affine maps of
+targets and intervals; the multiplicative form is defined on [0, 1] and maps
+``value_range`` onto it).
 """
 
 from __future__ import annotations
@@ -31,8 +42,23 @@ from vstain_cli.errors import InputError
 from vstain_cli.provenance import read_format_json, write_json
 
 FORMAT = "vstain-calibration"
-FORMAT_VERSION = 1
-DEFAULT_LAMBDAS = np.round(np.arange(0.0, 10.0 + 1e-9, 0.01), 2)  # 0.00, 0.01, ..., 10.00
+FORMAT_VERSION = 2  # 2: the interval form is recorded (version 1 files are "centered")
+FORMS = ("multiplicative", "centered")
+DEFAULT_FORM = "multiplicative"  # the paper's (Conffusion); docs/uncertainty.md §1 says why
+MODEL_RANGE = (-1.0, 1.0)
+LAMBDA_STEP = 0.01
+DEFAULT_LAMBDA_MAX = 10.0
+
+
+def lambda_grid(lambda_max: float = DEFAULT_LAMBDA_MAX) -> np.ndarray:
+    """The lambda grid searched by calibration: 0.00, 0.01, ..., ``lambda_max`` (rounded to 0.01)."""
+    n = int(round(float(lambda_max) / LAMBDA_STEP))
+    if n < 1:
+        raise ValueError(f"lambda_max must be at least {LAMBDA_STEP}, got {lambda_max}")
+    return np.arange(n + 1) / round(1 / LAMBDA_STEP)
+
+
+DEFAULT_LAMBDAS = lambda_grid()  # 0.00, 0.01, ..., 10.00
 
 # ----------------------------------------------------------------------------- intervals
 
@@ -63,18 +89,65 @@ def sample_quantiles(samples, q_low: float = 0.05, q_high: float = 0.95
             _quantile_sorted(s, 0.5), s.mean(axis=0))
 
 
+def check_form(form: str) -> str:
+    """``form`` when it is one of ``FORMS``; ValueError naming the choices otherwise."""
+    if form not in FORMS:
+        raise ValueError(f"unknown interval form {form!r} (choose from {', '.join(FORMS)})")
+    return form
+
+
 def scaled_interval(lower, upper, center, lam: float) -> tuple[np.ndarray, np.ndarray]:
-    """Interval scaled by ``lam`` around ``center`` (the sample median):
+    """The centered form: the interval scaled by ``lam`` around ``center`` (the sample median),
 
         [center - lam * (center - lower), center + lam * (upper - center)]
 
-    ``lam = 1`` is the raw quantile interval, ``lam > 1`` widens it; the two sides
-    keep their own widths, so skewed sample distributions stay skewed (Conffusion's
-    multiplicative calibration). ``center`` is clipped into [lower, upper].
+    additive, as im2im-uq (Angelopoulos et al. 2022) scales its interval around the
+    point prediction. ``lam = 1`` is the raw quantile interval, ``lam > 1`` widens
+    it; the two sides keep their own widths, so skewed sample distributions stay
+    skewed. ``center`` is clipped into [lower, upper].
     """
     lower, upper = np.asarray(lower), np.asarray(upper)
     c = np.clip(np.asarray(center), lower, upper)
     return c - lam * (c - lower), c + lam * (upper - c)
+
+
+def _to_unit(x, value_range: tuple[float, float]) -> np.ndarray:
+    a, b = value_range
+    return np.clip((np.asarray(x, np.float64) - a) / (b - a), 0.0, 1.0)
+
+
+def multiplicative_interval(lower, upper, lam: float, value_range: tuple[float, float] = MODEL_RANGE
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """The multiplicative form of Conffusion (Horwitz & Hoshen 2022, §3.2), the paper's:
+
+        [l / lam, u * lam]   on intensities l, u in [0, 1], clipped to [0, 1]
+
+    ``value_range`` is the range of the arrays, mapped linearly onto [0, 1] and back
+    (model space [-1, 1] by default; 0-255 maps pass (0, 255)). ``lam = 1`` is the
+    raw interval; the widening grows with the intensity, so dark pixels widen
+    little. Returns float64 arrays in ``value_range``.
+    """
+    a, b = value_range
+    lo, hi = _to_unit(lower, value_range), _to_unit(upper, value_range)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lo = np.where(lo > 0, lo / lam, 0.0)
+    lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi * lam, 0.0, 1.0)
+    return a + (b - a) * lo, a + (b - a) * hi
+
+
+def calibrated_interval(lower, upper, center, lam: float, form: str = DEFAULT_FORM,
+                        value_range: tuple[float, float] = MODEL_RANGE) -> tuple[np.ndarray, np.ndarray]:
+    """The interval at ``lam`` in ``form`` ("multiplicative" or "centered"); lam = 1: [lower, upper] in both."""
+    if check_form(form) == "centered" or lam == 1.0:
+        return scaled_interval(lower, upper, center, lam)
+    return multiplicative_interval(lower, upper, lam, value_range)
+
+
+def clipped_width(lower, upper, value_range: tuple[float, float] = MODEL_RANGE) -> float:
+    """Mean width of [lower, upper] clipped to ``value_range`` (the valid range of the values)."""
+    a, b = value_range
+    lo, hi = np.clip(np.asarray(lower, np.float64), a, b), np.clip(np.asarray(upper, np.float64), a, b)
+    return float(np.mean(np.maximum(hi - lo, 0.0)))
 
 
 @dataclass
@@ -92,10 +165,11 @@ class IntervalMaps:
         return self.upper - self.lower
 
 
-def credible_interval(samples, lam: float = 1.0, q_low: float = 0.05, q_high: float = 0.95) -> IntervalMaps:
-    """Samples (N, ...) -> calibrated interval maps (quantiles scaled by ``lam`` around the median)."""
+def credible_interval(samples, lam: float = 1.0, q_low: float = 0.05, q_high: float = 0.95,
+                      form: str = DEFAULT_FORM, value_range: tuple[float, float] = MODEL_RANGE) -> IntervalMaps:
+    """Samples (N, ...) -> calibrated interval maps (quantiles, then ``lam`` in ``form``)."""
     lo, hi, med, mean = sample_quantiles(samples, q_low, q_high)
-    lo, hi = scaled_interval(lo, hi, med, lam)
+    lo, hi = calibrated_interval(lo, hi, med, lam, form, value_range)
     return IntervalMaps(lo.astype(np.float32), hi.astype(np.float32), med, mean)
 
 
@@ -122,13 +196,25 @@ def coverage(target, lower, upper, *, any_channel: bool = False) -> float:
     return float(1.0 - np.mean(pixel_risk(target, lower, upper, any_channel=any_channel)))
 
 
-def required_lambda(target, lower, upper, center) -> np.ndarray:
-    """Smallest lambda at which each value is inside ``scaled_interval(..., lam)``.
+def required_lambda(target, lower, upper, center, form: str = DEFAULT_FORM,
+                    value_range: tuple[float, float] = MODEL_RANGE) -> np.ndarray:
+    """Smallest lambda at which each value is inside the interval of ``form`` at lambda.
 
-    lambda* = (c - y) / (c - l) below the centre, (y - c) / (u - c) above it, 0 at
-    it, inf where that side has zero width. Value y is outside at lambda iff
-    lambda < lambda*, so the risk at lambda is the fraction of lambda* > lambda.
+    centered: lambda* = (c - y) / (c - l) below the centre, (y - c) / (u - c) above
+    it, 0 at it, inf where that side has zero width.
+    multiplicative (on [0, 1]): y is inside [l / lambda, u * lambda] iff
+    lambda >= l / y and lambda >= y / u, so lambda* = max(l / y, y / u) (l / y = 0
+    when l = 0, inf when y = 0 < l; y / u = 0 when y = 0, inf when u = 0 < y);
+    the clip to [0, 1] never changes whether a y in [0, 1] is inside.
+    Value y is outside at lambda iff lambda < lambda*, so the risk at lambda is the
+    fraction of lambda* > lambda.
     """
+    if check_form(form) == "multiplicative":
+        y, lo, hi = (_to_unit(v, value_range) for v in (target, lower, upper))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            below = np.where(lo > 0, np.where(y > 0, lo / y, np.inf), 0.0)
+            above = np.where(y > 0, np.where(hi > 0, y / hi, np.inf), 0.0)
+        return np.maximum(below, above)
     y = np.asarray(target, np.float64)
     lo, hi = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
     c = np.clip(np.asarray(center, np.float64), lo, hi)
@@ -138,21 +224,23 @@ def required_lambda(target, lower, upper, center) -> np.ndarray:
     return np.maximum(below, above)
 
 
-def image_risk_curve(target, lower, upper, center, lambdas=DEFAULT_LAMBDAS) -> np.ndarray:
+def image_risk_curve(target, lower, upper, center, lambdas=DEFAULT_LAMBDAS, form: str = DEFAULT_FORM,
+                     value_range: tuple[float, float] = MODEL_RANGE) -> np.ndarray:
     """Risk of one image (C, H, W) at every lambda of the grid: (len(lambdas),) float64.
 
     One sort of the image's lambda* values, then a binary search per lambda: the
     cost does not grow with the grid, and images can be streamed one by one.
     """
-    s = np.sort(required_lambda(target, lower, upper, center).ravel())
+    s = np.sort(required_lambda(target, lower, upper, center, form, value_range).ravel())
     inside = np.searchsorted(s, np.asarray(lambdas, np.float64), side="right")
     return 1.0 - inside / s.size
 
 
-def interval_risks(targets, lower, upper, center, lambdas=DEFAULT_LAMBDAS) -> np.ndarray:
+def interval_risks(targets, lower, upper, center, lambdas=DEFAULT_LAMBDAS, form: str = DEFAULT_FORM,
+                   value_range: tuple[float, float] = MODEL_RANGE) -> np.ndarray:
     """Per-image risks of a batch (n, C, H, W) at every lambda: (len(lambdas), n)."""
     targets = np.asarray(targets)
-    return np.stack([image_risk_curve(targets[i], lower[i], upper[i], center[i], lambdas)
+    return np.stack([image_risk_curve(targets[i], lower[i], upper[i], center[i], lambdas, form, value_range)
                      for i in range(targets.shape[0])], axis=1)
 
 
@@ -221,14 +309,16 @@ class Calibration:
     q_low: float = 0.05
     q_high: float = 0.95
     samples: int | None = None  # diffusion samples per input used for the quantiles
+    interval: str = DEFAULT_FORM  # "multiplicative" (Conffusion, the paper's) or "centered" (im2im-uq)
     center: str = "median"
     risk_unit: str = "pixel-channel"
     grid: list[float] = field(default_factory=list)  # [min, max, count] of the lambda grid
     method: str = "rcps-hoeffding-bentkus"
 
-    def interval(self, lower, upper, center) -> tuple[np.ndarray, np.ndarray]:
-        """Apply the calibrated scale: ``scaled_interval(lower, upper, center, lam)``."""
-        return scaled_interval(lower, upper, center, self.lam)
+    def apply(self, lower, upper, center, value_range: tuple[float, float] = MODEL_RANGE
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """The calibrated interval: ``calibrated_interval(lower, upper, center, lam, interval, value_range)``."""
+        return calibrated_interval(lower, upper, center, self.lam, self.interval, value_range)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with format tags."""
@@ -251,6 +341,7 @@ class Calibration:
                 risk=float(meta["risk"]), ucb=float(meta["ucb"]), n=int(meta["n"]),
                 q_low=float(meta.get("q_low", 0.05)), q_high=float(meta.get("q_high", 0.95)),
                 samples=None if meta.get("samples") is None else int(meta["samples"]),
+                interval=str(meta.get("interval", "centered")),  # version 1 files were all centered
                 center=str(meta.get("center", "median")),
                 risk_unit=str(meta.get("risk_unit", "pixel-channel")),
                 grid=[float(v) for v in meta.get("grid", [])],
@@ -258,6 +349,9 @@ class Calibration:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"corrupt calibration file (bad or missing field {e})", path) from None
+        if cal.interval not in FORMS:
+            raise InputError(f"corrupt calibration file (interval {cal.interval!r} is not one of "
+                             f"{', '.join(FORMS)})", path)
         if not (math.isfinite(cal.lam) and cal.lam >= 0 and 0 < cal.alpha < 1 and 0 < cal.delta < 1):
             raise InputError(f"corrupt calibration file (lam={cal.lam}, alpha={cal.alpha}, "
                              f"delta={cal.delta} out of range)", path)
@@ -265,16 +359,18 @@ class Calibration:
 
 
 def calibrate_lambda(risks: np.ndarray | Callable[[float], np.ndarray], lambdas=DEFAULT_LAMBDAS,
-                     alpha: float = 0.1, delta: float = 0.1, **meta: Any) -> Calibration:
+                     alpha: float = 0.1, delta: float = 0.1, *, hint: str | None = None,
+                     **meta: Any) -> Calibration:
     """RCPS calibration of the interval scale (Bates et al. 2021, Algorithm in §3).
 
     ``risks`` is either an array (len(lambdas), n) of per-image risks at each
     lambda (``interval_risks``) or a function lambda -> (n,) per-image risks. The
-    risk must not increase with lambda (true for ``scaled_interval``). Lambdas are
+    risk must not increase with lambda (true in both forms: their intervals are nested). Lambdas are
     scanned from the largest down; lambda_hat is the last one whose HB UCB of the
     mean risk is < alpha before the first that is not. ``meta`` (q_low, q_high,
     samples, ...) is recorded in the result. InputError when even the largest
-    lambda fails (too few images, or a grid that stops too low).
+    lambda fails (too few images, or a grid that stops too low); its message ends
+    with ``hint`` (what to change; default: the arguments of this function).
     """
     if not 0.0 < alpha < 1.0:
         raise InputError(f"alpha must be in (0, 1), got {alpha}")
@@ -301,34 +397,38 @@ def calibrate_lambda(risks: np.ndarray | Callable[[float], np.ndarray], lambdas=
         raise InputError(
             f"no lambda up to {lambdas.max():g} keeps the risk bound below alpha={alpha} "
             f"(UCB {hb_ucb(risk_hat, n, delta):.3f} at the largest lambda with {n} images); "
-            "use more calibration images, a larger lambda grid, or a larger alpha")
+            + (hint or "use more calibration images, a grid (lambdas) that reaches higher, or a larger alpha"))
     lam, risk_hat, n = chosen
     ucb = hb_ucb(risk_hat, n, delta)
     grid = [float(lambdas.min()), float(lambdas.max()), float(lambdas.size)]
     return Calibration(lam=lam, alpha=alpha, delta=delta, risk=risk_hat, ucb=ucb, n=n, grid=grid, **meta)
 
 
-def coverage_report(target, lower, upper, center, lam: float, alpha: float = 0.1) -> dict[str, float]:
-    """Held-out check of a calibration (test split): coverage and risk at ``lam``.
+def coverage_report(target, lower, upper, center, lam: float, alpha: float = 0.1, form: str = DEFAULT_FORM,
+                    value_range: tuple[float, float] = MODEL_RANGE) -> dict[str, float]:
+    """Held-out check of a calibration (test split): coverage and risk at ``lam`` in ``form``.
 
-    Returns mean coverage (pixel-channel values inside the scaled interval), mean
+    Returns mean coverage (pixel-channel values inside the calibrated interval), mean
     risk, the fraction of images whose own risk is <= alpha, and the mean interval
-    width (in the units of the arrays).
+    width (in the units of the arrays) of the interval clipped to ``value_range``,
+    the valid range (clipping does not change which targets in that range are inside).
     """
-    lo, hi = scaled_interval(lower, upper, center, lam)
+    lo, hi = calibrated_interval(lower, upper, center, lam, form, value_range)
     r = np.atleast_1d(pixel_risk(target, lo, hi))
     return {
         "coverage": float(1.0 - r.mean()),
         "risk": float(r.mean()),
         "images_within_alpha": float(np.mean(r <= alpha)),
-        "mean_width": float(np.mean(hi - lo)),
+        "mean_width": clipped_width(lo, hi, value_range),
         "n": int(r.size),
         "lam": float(lam),
     }
 
 
 __all__ = [
+    "FORMS", "DEFAULT_FORM", "check_form", "multiplicative_interval", "calibrated_interval",
     "sample_quantiles", "scaled_interval", "IntervalMaps", "credible_interval", "pixel_risk",
     "coverage", "required_lambda", "image_risk_curve", "interval_risks", "hb_pvalue", "hb_ucb",
-    "Calibration", "calibrate_lambda", "coverage_report", "DEFAULT_LAMBDAS",
+    "Calibration", "calibrate_lambda", "coverage_report", "DEFAULT_LAMBDAS", "DEFAULT_LAMBDA_MAX", "lambda_grid",
+    "clipped_width",
 ]

@@ -1,0 +1,75 @@
+"""Runs that ship with vstain: phantom-trained models resolvable by name.
+
+``models/runs/NAME/`` (installed as ``vstain_cli.presets/runs/NAME``) holds a
+run folder without its resume state (``config.json``, ``weights.safetensors``
+and, for diffusion, ``calibration.json``). ``models/runs/bundle.json`` records
+the command that made them, the phantom generator's version and a fingerprint
+of its pixels, and the scores the demo measured with them. Anywhere a run
+folder is accepted, a bundled name (``phantom-diffusion``) works too, unless a
+folder of that name exists in the working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BUNDLE_FILE = "bundle.json"
+BUNDLE_FORMAT = "vstain-bundle"
+PREFIX = "phantom-"
+# The demo's model names -> bundled run names.
+BUNDLED = {"diffusion": "phantom-diffusion", "regression": "phantom-regression", "pix2pix": "phantom-pix2pix",
+           "stainnet": "phantom-stainnet"}
+SHIPPED_FILES = ("config.json", "weights.safetensors", "calibration.json")
+
+
+def bundle_root() -> Path:
+    """The folder of bundled runs (``models/runs`` in a checkout)."""
+    return Path(str(importlib.resources.files("vstain_cli.presets"))) / "runs"
+
+
+def bundled_names() -> list[str]:
+    """Names of the runs that ship with this install."""
+    root = bundle_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def bundled_path(name: str | Path) -> Path | None:
+    """The bundled run folder called ``name``, or None when ``name`` is a path or not bundled."""
+    text = str(name)
+    if "/" in text or "\\" in text or Path(text).exists():
+        return None
+    path = bundle_root() / text
+    return path if (path / "config.json").is_file() else None
+
+
+def read_manifest() -> dict[str, Any] | None:
+    """``bundle.json`` of the bundled runs, or None when none ship."""
+    path = bundle_root() / BUNDLE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def phantom_fingerprint(size: int = 96, mpp: float = 1.0, channels: int = 26, seed: int = 0) -> str:
+    """SHA-256 of a small phantom pair rendered in memory (every grade, AF and H&E).
+
+    A change to ``vstain synth`` that changes its pixels changes this value, so
+    the bundled runs (trained on phantom data) are then known to be stale.
+    """
+    from vstain_cli.data.synth.render import PhantomRenderer, SlideSpec
+
+    digest = hashlib.sha256()
+    for label in range(4):
+        spec = SlideSpec.random(f"fp{label}", label, size, size, channels, mpp, seed * 100003 + label)
+        strip = PhantomRenderer(spec).render(0, size)
+        digest.update(np.ascontiguousarray(strip.af).tobytes())
+        digest.update(np.ascontiguousarray(strip.he).tobytes())
+    return digest.hexdigest()
