@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vstain_cli.errors import InputError
-from vstain_cli.io.slide_base import SlideBase, _check_file, _short, clip_box
+from vstain_cli.io.slide_base import SlideBase, _check_file, _short
 
 CZI_MAGIC = b"ZISRAWFILE"
 _DTYPES = {"Gray8": np.uint8, "Gray16": np.uint16, "Gray32Float": np.float32}
@@ -76,9 +76,7 @@ class CziSlide(SlideBase):
         return bool(found)
 
     def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
-        out = np.zeros((h, w, self.channels), self.dtype)
-        lw, lh = self.level_dimensions[level]
-        box = clip_box(x, y, w, h, lw, lh)
+        out, box = self._blank_and_box(x, y, w, h, level)
         if box is None:
             return out
         bx0, by0, bx1, by1 = box

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from vstain_cli.errors import InputError
-from vstain_cli.io.slide_base import SlideBase, _check_path, _short, clip_box
+from vstain_cli.io.slide_base import SlideBase, _check_path, _short
 from vstain_cli.io.tiff import DEFAULT_TILE, _downsample2, _rechunk, level_shapes
 
 NGFF_VERSION = "0.4"
@@ -99,9 +99,7 @@ class NgffSlide(SlideBase):
         self.mpp = sx * factor if factor else None
 
     def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
-        out = np.zeros((h, w, self.channels), self.dtype)
-        lw, lh = self.level_dimensions[level]
-        box = clip_box(x, y, w, h, lw, lh)
+        out, box = self._blank_and_box(x, y, w, h, level)
         if box is None:
             return out
         x0, y0, x1, y1 = box

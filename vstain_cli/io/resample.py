@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from vstain_cli.io.slide_base import SlideBase, SlideReader, clip_box
+from vstain_cli.io.slide_base import SlideBase, SlideReader
 
 SCALE_TOLERANCE = 0.10  # a slide within 10 % of the model's µm/px is used as it is
 ROW_CHUNK = 256         # output rows resampled at once (bounds memory)
@@ -187,9 +187,7 @@ class ResampledSlide(SlideBase):
         return best, sh / lh, sw / lw
 
     def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
-        out = np.zeros((h, w, self.channels), self.dtype)
-        lw, lh = self.level_dimensions[level]
-        box = clip_box(x, y, w, h, lw, lh)
+        out, box = self._blank_and_box(x, y, w, h, level)
         if box is None:
             return out
         x0, y0, x1, y1 = box

@@ -45,6 +45,11 @@ class SlideBase:
     def thumbnail(self, max_size: int, channel_sum: bool = False) -> tuple[np.ndarray, float]:
         return _thumbnail(self, max_size, channel_sum)
 
+    def _blank_and_box(self, x: int, y: int, w: int, h: int, level: int) -> tuple[np.ndarray, tuple | None]:
+        """A zero (h, w, channels) region and the part of it inside ``level`` (None when none is)."""
+        lw, lh = self.level_dimensions[level]
+        return np.zeros((h, w, self.channels), self.dtype), clip_box(x, y, w, h, lw, lh)
+
     def close(self) -> None:  # pragma: no cover - overridden
         pass
 
