@@ -1,6 +1,7 @@
 """Does FSD measure tissue? StainNet test accuracy, and FSD against blur and noise on real tiles.
 
     python bench/fsd_sanity.py [--slides 12] [--size 768] [--tile 64] [--steps 600] [--out DIR]
+    python bench/fsd_sanity.py --run phantom-stainnet --dataset vstain-demo/dataset   # a trained StainNet
 
 Makes a phantom dataset (``vstain synth`` + ``vstain tile``, split by slide),
 trains two tiny StainNets on its train split for the paper's task (slide
@@ -74,7 +75,7 @@ def train_stainnet(dataset: Path, out: Path, steps: int, augment: bool, seed: in
     return out
 
 
-def test_metrics(run: Path, tiles: np.ndarray, labels: np.ndarray, n_classes: int = 4) -> dict:
+def test_metrics(run: Path, tiles: np.ndarray, labels: np.ndarray, n_classes: int = 4, record: bool = True) -> dict:
     """Accuracy and confusion matrix (rows: true grade, columns: predicted) on ``tiles``."""
     import torch
 
@@ -92,8 +93,9 @@ def test_metrics(run: Path, tiles: np.ndarray, labels: np.ndarray, n_classes: in
     np.add.at(conf, (labels, pred), 1)
     rec = {"split": "test", "accuracy": float(np.trace(conf) / conf.sum()), "confusion": conf.tolist(),
            "patches": int(len(tiles))}
-    run_folder.append_metrics(run, {"step": json.loads((run / "config.json").read_text())["preset"]["train"]["steps"],
-                                    **rec})
+    if record:
+        run_folder.append_metrics(run, {"step": json.loads((run / "config.json").read_text())["preset"]["train"]["steps"],
+                                        **rec})
     return rec
 
 
@@ -113,6 +115,33 @@ def noise(tiles: np.ndarray, sd: float, seed: int) -> np.ndarray:
     return np.clip(tiles + rng.normal(0, sd, tiles.shape) + 0.5, 0, 255).astype(np.uint8)
 
 
+def report(run, test: np.ndarray, test_lab: np.ndarray, other: np.ndarray, seed: int, *, name: str = "",
+           seconds: float | None = None, record: bool = True) -> None:
+    """Print a StainNet's test accuracy and confusion, and FSD against blur, noise and other slides."""
+    from vstain_cli.infer.run import load_run
+    from vstain_cli.score.metrics import fd_from_features
+    from vstain_cli.score.scoring import extract_features, stainnet_extractor
+
+    run = load_run(run, "cpu").path
+    m = test_metrics(run, test, test_lab, record=record)
+    took = f" (trained in {seconds:.0f} s)" if seconds is not None else ""
+    print(f"\nStainNet {name}{took}: test accuracy {m['accuracy']:.3f} "
+          f"on {m['patches']} tiles; confusion (rows true grade 0-3, columns predicted): {m['confusion']}")
+    fn = stainnet_extractor(run, "cpu")
+    ref = extract_features(test, fn)
+
+    def fsd(tiles: np.ndarray) -> float:
+        return fd_from_features(ref, extract_features(tiles, fn)).value
+
+    rows = [("blur sigma (px)", BLURS, [fsd(blur(test, s)) for s in BLURS]),
+            ("noise sd (levels)", NOISES, [fsd(noise(test, s, seed)) for s in NOISES])]
+    for label, xs, ys in rows:
+        mono = all(b > a for a, b in zip(ys, ys[1:]))
+        print(f"  {label:18s} " + "  ".join(f"{x:>5g}: {y:7.3f}" for x, y in zip(xs, ys))
+              + f"   rises monotonically: {'yes' if mono else 'NO'}")
+    print(f"  real tiles of other slides (unchanged): FSD {fsd(other):.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slides", type=int, default=12)
@@ -121,15 +150,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="keep the dataset and runs here")
+    ap.add_argument("--run", default=None, help="check this trained StainNet run (folder or bundled name) instead")
+    ap.add_argument("--dataset", type=Path, default=None, help="with --run: the dataset it was trained on")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from vstain_cli.data.synth import PHANTOM_VERSION
-    from vstain_cli.score.metrics import fd_from_features
-    from vstain_cli.score.scoring import extract_features, stainnet_extractor
 
+    if args.run is not None:
+        if args.dataset is None:
+            raise SystemExit("--run needs --dataset")
+        test, test_lab = split_tiles(args.dataset, "test")
+        other, _ = split_tiles(args.dataset, "train")
+        print(f"StainNet {args.run} on {args.dataset}: test {len(test)} tiles "
+              f"(grades {np.bincount(test_lab, minlength=4).tolist()}), other slides {len(other)} tiles")
+        report(args.run, test, test_lab, other, args.seed, record=False)
+        return
     tmp = None
     if args.out is None:
         tmp = tempfile.TemporaryDirectory(prefix="vstain-fsd-")
@@ -146,23 +184,7 @@ def main() -> None:
         t = time.perf_counter()
         run = train_stainnet(dataset, args.out / f"stainnet-{'aug' if augment else 'plain'}", args.steps,
                              augment, args.seed)
-        m = test_metrics(run, test, test_lab)
-        print(f"\nStainNet {name} (trained in {time.perf_counter() - t:.0f} s): test accuracy {m['accuracy']:.3f} "
-              f"on {m['patches']} tiles; confusion (rows true grade 0-3, columns predicted): {m['confusion']}")
-        fn = stainnet_extractor(run, "cpu")
-        ref = extract_features(test, fn)
-
-        def fsd(tiles: np.ndarray) -> float:
-            return fd_from_features(ref, extract_features(tiles, fn)).value
-
-        rows = [("blur sigma (px)", BLURS, [fsd(blur(test, s)) for s in BLURS]),
-                ("noise sd (levels)", NOISES, [fsd(noise(test, s, args.seed)) for s in NOISES])]
-        other_fsd = fsd(other)
-        for label, xs, ys in rows:
-            mono = all(b > a for a, b in zip(ys, ys[1:]))
-            print(f"  {label:18s} " + "  ".join(f"{x:>5g}: {y:7.3f}" for x, y in zip(xs, ys))
-                  + f"   rises monotonically: {'yes' if mono else 'NO'}")
-        print(f"  real tiles of other slides (unchanged): FSD {other_fsd:.3f}")
+        report(run, test, test_lab, other, args.seed, name=name, seconds=time.perf_counter() - t)
     if tmp is not None:
         tmp.cleanup()
 

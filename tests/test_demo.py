@@ -15,7 +15,7 @@ from conftest import run_cli
 def test_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", str(out), "--slides", "4", "--size", "256", "256", "--channels", "4", "--tile", "32",
-            "--diffusion-steps", "2", "--baseline-steps", "2", "--samples", "2", "--sample-steps", "2",
+            "--diffusion-steps", "2", "--baseline-steps", "2", "--stainnet-steps", "2", "--samples", "2", "--sample-steps", "2",
             "--device", "cpu"]
     proc = run_cli(*args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_dataset
@@ -16,9 +17,9 @@ from vstain_cli.score.pipeline import EvaluateOptions, evaluate, stainnet_check
 from vstain_cli.train.loop import train
 from vstain_cli.uq.intervals import Calibration
 
-# the train split holds labels 0 and 1 only, val 2 and 3: the StainNet cannot be right on val
+# the train split holds labels 0 and 1 only, val and test 2 and 3: the StainNet cannot be right there
 SPLIT_LABELS = {"s0": (0, "train"), "s1": (1, "train"), "s4": (2, "val"), "s5": (3, "val"),
-                "s6": (0, "test"), "s7": (1, "test")}
+                "s6": (2, "test"), "s7": (3, "test")}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,10 @@ def env(tmp_path_factory) -> dict[str, Path]:
     finally:
         torch.set_num_threads(n)
     assert any("at or below chance" in w for w in p.warnings)  # train says so too
-    return {"root": root, "data": data, "stainnet": root / "stainnet"}
+    from vstain_cli.score.scoring import load_images
+
+    np.save(root / "test.npy", load_images(data, "test").images)  # the same tiles without slide labels
+    return {"root": root, "data": data, "stainnet": root / "stainnet", "npy": root / "test.npy"}
 
 
 def _score(env, out: Path, stainnet: Path, **kw):
@@ -61,13 +65,14 @@ def test_stainnet_at_chance_is_flagged_and_n_beyond_the_set_is_said(env, tmp_pat
     test = saved["stainnet"]["test"]
     conf = test["confusion"]
     assert test["split"] == "test" and len(conf) == 4 and sum(map(sum, conf)) == test["patches"] == 12
-    assert sum(conf[2]) == sum(conf[3]) == 0 and sum(conf[0]) == sum(conf[1]) == 6  # test slides hold labels 0, 1
-    assert test["accuracy"] == (conf[0][0] + conf[1][1]) / 12
+    assert sum(conf[0]) == sum(conf[1]) == 0 and sum(conf[2]) == sum(conf[3]) == 6  # test slides hold labels 2, 3
+    assert test["accuracy"] == (conf[2][2] + conf[3][3]) / 12 <= 0.25  # never trained on them
     chance = [w for w in saved["warnings"] if "at or below chance" in w]
-    assert len(chance) == 1 and "StainNet stainnet: validation accuracy" in chance[0] and "FSD means little" in chance[0]
+    assert len(chance) == 1 and "StainNet stainnet: accuracy" in chance[0] and "FSD means little" in chance[0]
+    assert "scored real test tiles" in chance[0]
     assert chance[0] in res.warnings
     html = res.paths["report.html"].read_text()
-    assert "<div class=warn>StainNet stainnet: validation accuracy" in html
+    assert "<div class=warn>StainNet stainnet: accuracy" in html
     assert "StainNet on the real test tiles" in html
     # --n beyond the set: how many were used, as a warning (and in score.json)
     n_warn = "--n 1000 is more than the 12 real tiles: scoring all 12"
@@ -83,14 +88,16 @@ def test_stainnet_above_chance_or_unchecked(env, tmp_path):
         if r["split"] == "val":
             r["accuracy"] = 0.9
     (good / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    res = _score(env, tmp_path / "o", good)
+    # tiles without slide labels (a .npy): the run's validation accuracy decides
+    res = _score(env, tmp_path / "o", good, real=env["npy"], fakes=[env["npy"]])
+    assert "test" not in res.results["stainnet"]
     assert res.results["stainnet"]["at_chance"] is False and res.results["stainnet"]["val_accuracy"] == 0.9
     assert not any("chance" in w for w in res.results["warnings"])
     html = res.paths["report.html"].read_text()
     assert "class=warn>StainNet" not in html and "validation accuracy 0.900 (chance 0.250)" in html
 
     (good / "metrics.jsonl").unlink()  # nothing logged: unknown, said as a note
-    res = _score(env, tmp_path / "o2", good)
+    res = _score(env, tmp_path / "o2", good, real=env["npy"], fakes=[env["npy"]])
     assert res.results["stainnet"]["at_chance"] is None and res.results["stainnet"]["val_accuracy"] is None
     assert any("no validation accuracy" in n for n in res.notes)
 

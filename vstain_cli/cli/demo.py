@@ -7,46 +7,60 @@ from typing import Optional, Tuple
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, console, device_option, force_option, handles_errors, out, seed_option
+from vstain_cli.cli.common import (
+    RichProgress,
+    device_option,
+    force_option,
+    handles_errors,
+    out,
+    seed_option,
+    stage_line,
+)
 
 
 @handles_errors
 def demo(
-    out_dir: Path = typer.Argument(Path("vstain-demo"), help="Folder for everything the demo makes."),
+    out_dir: Path = typer.Argument(Path("vstain-demo"), metavar="OUT", help="Folder for everything the demo makes."),
     slides: int = typer.Option(12, "--slides", help="Phantom slide pairs."),
-    size: Tuple[int, int] = typer.Option((768, 768), "--size", help="Slide height and width in px."),
+    size: Tuple[int, int] = typer.Option((768, 768), "--size", metavar="H W", help="Slide height and width in px."),
     channels: int = typer.Option(26, "--channels", help="AF channels."),
-    tile: int = typer.Option(32, "--tile", help="Patch size for training (the paper: 128; 32 keeps a CPU demo short)."),
-    diffusion_steps: int = typer.Option(600, "--diffusion-steps", help="Training steps of the diffusion model."),
-    baseline_steps: int = typer.Option(300, "--baseline-steps", help="Training steps of regression and pix2pix."),
+    mpp: float = typer.Option(1.0, "--mpp", help="Phantom microns per pixel (1.0: a 32 px tile covers 32 um, the field of view of the paper's 128 px at 40x)."),
+    tile: int = typer.Option(32, "--tile", help="Patch size in px for training and scoring."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train every model from scratch instead of using the bundled phantom runs."),
+    export_bundle: Optional[Path] = typer.Option(None, "--export-bundle", metavar="DIR", help="With --retrain: write the trained runs as the bundled runs into DIR (models/runs in a checkout)."),
+    diffusion_steps: Optional[int] = typer.Option(None, "--diffusion-steps", min=1, help="Training steps of the diffusion model (default: models/demo-diffusion.toml)."),
+    baseline_steps: Optional[int] = typer.Option(None, "--baseline-steps", min=1, help="Training steps of regression and pix2pix (default: their presets)."),
+    stainnet_steps: Optional[int] = typer.Option(None, "--stainnet-steps", min=1, help="Training steps of StainNet (default: its preset)."),
     samples: int = typer.Option(8, "--samples", help="Diffusion samples per pixel (calibration, uncertainty)."),
-    sample_steps: int = typer.Option(10, "--sample-steps", help="DDIM steps for every diffusion sample of the demo."),
+    sample_steps: int = typer.Option(10, "--sample-steps", min=1, help="DPM-Solver++(2M) steps for every diffusion sample of the demo."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pt_inception-2015-12-05 weights file: adds FID."),
     device: str = device_option(),
     seed: int = seed_option("Seed of everything."),
     force: bool = force_option("Delete an earlier demo folder and start over."),
 ) -> None:
-    """Run synth -> tile -> train -> calibrate -> stain -> uncertainty -> score on phantom slides."""
+    """Run synth -> tile -> train (or the bundled runs) -> calibrate -> stain -> uncertainty -> score on phantom slides."""
+    import sys
     import time
 
     from rich.table import Table
 
     from vstain_cli.cli.score import print_score_table
     from vstain_cli.demo import DemoOptions, run_demo
+    from vstain_cli.demo import export_bundle as write_bundle
+    from vstain_cli.errors import InputError
 
-    options = DemoOptions(slides=slides, size=(int(size[0]), int(size[1])), channels=channels, tile=tile,
-                          diffusion_steps=diffusion_steps, baseline_steps=baseline_steps, samples=samples,
-                          sample_steps=sample_steps,
-                          inception_weights=inception_weights, device=device, seed=seed)
+    if export_bundle is not None and not retrain:
+        raise InputError("--export-bundle needs --retrain (the bundle is made by training from scratch)")
+    options = DemoOptions(slides=slides, size=(int(size[0]), int(size[1])), channels=channels, mpp=mpp, tile=tile,
+                          diffusion_steps=diffusion_steps, baseline_steps=baseline_steps,
+                          stainnet_steps=stainnet_steps, samples=samples, sample_steps=sample_steps,
+                          inception_weights=inception_weights, device=device, seed=seed, retrain=retrain)
     t0 = time.perf_counter()
 
-    def stage(name: str, detail: str) -> None:
-        console.rule(f"[bold]{name}[/] [dim]{detail}[/]", align="left")
-
     with RichProgress() as progress:
-        res = run_demo(out_dir, options, force=force, progress=progress, stage=stage)
+        res = run_demo(out_dir, options, force=force, progress=progress, stage=stage_line)
 
-    console.rule("[bold green]done", align="left")
+    stage_line("done", f"{time.perf_counter() - t0:.0f} s")
     if res.score:
         print_score_table(res.score)
     if res.calibration:
@@ -58,5 +72,8 @@ def demo(
     for k, v in res.files.items():
         files.add_row(k, str(v))
     out.print(files)
+    if export_bundle is not None:
+        command = " ".join(["vstain", *sys.argv[1:]])
+        out.print(f"bundled runs written: {write_bundle(res, options, export_bundle, command)}")
     out.print(f"open [bold]{res.files.get('report')}[/] in a browser; the stained slides open in QuPath "
               f"(total {time.perf_counter() - t0:.0f} s)")

@@ -320,6 +320,12 @@ def stainnet_warning(rec: dict[str, Any]) -> str | None:
     """The warning for a ``stainnet_check`` record at or below chance (None otherwise)."""
     if not rec.get("at_chance"):
         return None
+    if rec.get("test"):
+        t = rec["test"]
+        return (f"StainNet {Path(rec['run']).name}: accuracy {t['accuracy']:.3f} on the {t['patches']} scored real "
+                f"{t['split']} tiles is at or below chance ({t['chance']:.3f} = 1/{rec['n_classes']}): its features "
+                "need not tell stains apart, so FSD means little; train it longer, or re-tile so that every split "
+                "holds every label")
     return (f"StainNet {Path(rec['run']).name}: validation accuracy {rec['val_accuracy']:.3f} (step "
             f"{rec['val_step']}) is at or below chance ({rec['chance']:.3f} = 1/{rec['n_classes']}): its features "
             "need not tell stains apart, so FSD means little; train it longer, or re-tile so that every split "
@@ -398,13 +404,6 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
     if o.stainnet is not None:
         extractors["FSD"] = scoring.stainnet_extractor(o.stainnet, dev)
         stainnet_rec = stainnet_check(o.stainnet)
-        chance_warning = stainnet_warning(stainnet_rec)
-        if chance_warning:
-            prog.warn(chance_warning)
-            first_warnings.append(chance_warning)
-        elif stainnet_rec["at_chance"] is None:
-            notes.append(f"StainNet {o.stainnet.name}: no validation accuracy in its metrics.jsonl, so whether "
-                         "its features (and FSD) mean anything is unchecked")
     else:
         notes.append("FSD skipped: no --stainnet run given")
     real_full = scoring.load_images(real, split, prog)
@@ -419,6 +418,17 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
         if labels is not None:  # the paper's task on the scored real tiles: slide label from a patch
             stainnet_rec["test"] = {"split": split, **scoring.stainnet_accuracy(o.stainnet, real_set.images, labels,
                                                                                 dev)}
+            # the scored tiles (every label of the split, many tiles) are better evidence than the
+            # run's last validation batches: they decide whether StainNet is at chance
+            t = stainnet_rec["test"]
+            stainnet_rec["at_chance"] = bool(t["accuracy"] <= t["chance"] + 1e-9)
+        chance_warning = stainnet_warning(stainnet_rec)
+        if chance_warning:
+            prog.warn(chance_warning)
+            first_warnings.append(chance_warning)
+        elif stainnet_rec["at_chance"] is None:
+            notes.append(f"StainNet {o.stainnet.name}: no validation accuracy in its metrics.jsonl, so whether "
+                         "its features (and FSD) mean anything is unchecked")
     fake_sets: dict[str, ImageSet] = {}
     paired: dict[str, bool] = {}
     for nm, p in zip(names, fakes):

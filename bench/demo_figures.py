@@ -1,0 +1,102 @@
+"""Run ``vstain demo`` and write its figures into docs/benchmarks.md (between the
+``demo-figures`` markers), so the documented numbers always come from a run.
+
+    OMP_NUM_THREADS=2 python bench/demo_figures.py --out /tmp/vstain-demo-bench [--write]
+
+Prints the markdown; with ``--write`` also replaces the block in docs/benchmarks.md.
+Timings depend on the machine and on how busy it is; the block says which machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import time
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+START, END = "<!-- demo-figures:start -->", "<!-- demo-figures:end -->"
+
+
+def figures(res, wall: float, cpu: float | None) -> str:
+    """The markdown block of one demo run (``cpu``: CPU seconds of the process, None when not measured)."""
+    from vstain_cli.score.report import format_interval as ci
+    from vstain_cli.score.table1 import table1_shape
+
+    source = "the bundled runs" if res.bundled else "models trained from scratch in the run (--retrain)"
+    minutes, seconds = divmod(round(wall), 60)
+    cpu_text = f", {cpu / 60:.0f} min of CPU" if cpu is not None else ""
+    lines = [f"Models: {source}. Measured by `python bench/demo_figures.py` on {platform.machine()} with "
+             f"{os.cpu_count()} CPUs (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), default options: "
+             f"**{minutes} min {seconds} s** wall{cpu_text}.", "",
+             "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in res.seconds.items()]
+    lines += ["", "| model | FSD | L1 | L2 | PSNR | SSIM |", "|---|---|---|---|---|---|"]
+    for name, r in (res.score or {}).get("models", {}).items():
+        m = r["metrics"]
+        lines.append(f"| {name} | {ci(m.get('FSD'), 1)} | {ci(m.get('L1'), 1)} | {ci(m.get('L2'), 1)} | "
+                     f"{ci(m.get('PSNR'), 2)} | {ci(m.get('SSIM'), 3)} |")
+    shape = table1_shape(res.score or {})
+    if shape is not None:
+        verdict = "reproduced" if shape["reproduced"] else "NOT reproduced"
+        lines += ["", f"Table 1's shape (95 % intervals must not overlap): **{verdict}**.", ""]
+        lines += [f"- {'holds' if c['holds'] else 'not shown'}: {c['claim']} — {c['numbers']}" for c in shape["claims"]]
+    if res.calibration:
+        c = res.calibration
+        cov = (c.get("test_coverage") or {}).get("coverage")
+        lines += ["", f"Calibrated lambda {c['lam']:.2f} (alpha {c['alpha']}, delta {c['delta']})"
+                  + (f", test coverage {cov:.3f}." if cov is not None else ".")]
+    return "\n".join(lines)
+
+
+def from_folder(folder: Path):
+    """The DemoResult of a finished demo folder (its demo.json, score.json and calibration.json)."""
+    import json
+
+    from vstain_cli.demo import DemoResult
+
+    meta = json.loads((folder / "demo.json").read_text())
+    cal = folder / "runs" / "diffusion" / "calibration.json"
+    return DemoResult(folder, seconds=meta.get("seconds", {}), bundled=bool(meta.get("bundled")),
+                      score=json.loads((folder / "score" / "score.json").read_text()),
+                      calibration=json.loads(cal.read_text()) if cal.exists() else None)
+
+
+def write_block(text: str, doc: Path = DOC) -> None:
+    """Replace the text between the markers in ``doc``."""
+    body = doc.read_text()
+    if START not in body or END not in body:
+        raise SystemExit(f"{doc}: markers {START} ... {END} not found")
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    doc.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", body))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/vstain-demo-bench"))
+    ap.add_argument("--write", action="store_true", help="replace the block in docs/benchmarks.md")
+    ap.add_argument("--retrain", action="store_true", help="train every model from scratch (vstain demo --retrain)")
+    ap.add_argument("--from", dest="src", type=Path, default=None,
+                    help="read a finished demo folder instead of running one (e.g. the README's vstain-demo/)")
+    ap.add_argument("--wall", type=float, default=None, help="with --from: the wall seconds it took, as measured")
+    args = ap.parse_args()
+    from vstain_cli.demo import DemoOptions, run_demo
+
+    if args.src is not None:
+        res, wall = from_folder(args.src), args.wall
+        text = figures(res, wall if wall is not None else sum(res.seconds.values()), None)
+    else:
+        shutil.rmtree(args.out, ignore_errors=True)
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = run_demo(args.out, DemoOptions(device="cpu", retrain=args.retrain))
+        text = figures(res, time.perf_counter() - t0, time.process_time() - c0)
+    print(text)
+    if args.write:
+        write_block(text)
+
+
+if __name__ == "__main__":
+    main()
