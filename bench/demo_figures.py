@@ -21,7 +21,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 START, END = "<!-- demo-figures:start -->", "<!-- demo-figures:end -->"
 
 
-def figures(res, wall: float, cpu: float | None) -> str:
+def figures(res, wall: float, cpu: float | None, measured: str = "`python bench/demo_figures.py`") -> str:
     """The markdown block of one demo run (``cpu``: CPU seconds of the process, None when not measured)."""
     from vstain_cli.score.report import format_interval as ci
     from vstain_cli.score.table1 import table1_shape
@@ -29,7 +29,7 @@ def figures(res, wall: float, cpu: float | None) -> str:
     source = "the bundled runs" if res.bundled else "models trained from scratch in the run (--retrain)"
     minutes, seconds = divmod(round(wall), 60)
     cpu_text = f", {cpu / 60:.0f} min of CPU" if cpu is not None else ""
-    lines = [f"Models: {source}. Measured by `python bench/demo_figures.py` on {platform.machine()} with "
+    lines = [f"Models: {source}. Measured by {measured} on {platform.machine()} with "
              f"{os.cpu_count()} CPUs (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), default options: "
              f"**{minutes} min {seconds} s** wall{cpu_text}.", "",
              "| stage | seconds |", "|---|---|"]
@@ -65,6 +65,26 @@ def from_folder(folder: Path):
                       calibration=json.loads(cal.read_text()) if cal.exists() else None)
 
 
+def write_grid(report: Path, png: Path, scale: int = 4) -> Path:
+    """The report's Fig. 2 examples (AF, target H&E, one column per model) as one PNG, ``scale``x enlarged."""
+    import base64
+    import io
+
+    import numpy as np
+    from skimage.io import imread, imsave
+
+    page = report.read_text()
+    part = page[page.index("<h2>Examples</h2>"):]
+    part = part[: part.index("</table>")]
+    images = [imread(io.BytesIO(base64.b64decode(b)))[..., :3]
+              for b in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", part)]
+    cols = len(re.findall(r"<th>[^<]+</th>", part[: part.index("</tr>")]))
+    rows = [np.concatenate(images[r * cols:(r + 1) * cols], 1) for r in range(len(images) // cols)]
+    grid = np.kron(np.concatenate(rows, 0), np.ones((scale, scale, 1), np.uint8))
+    imsave(png, grid, check_contrast=False)
+    return png
+
+
 def write_block(text: str, doc: Path = DOC) -> None:
     """Replace the text between the markers in ``doc``."""
     body = doc.read_text()
@@ -81,19 +101,23 @@ def main() -> None:
     ap.add_argument("--retrain", action="store_true", help="train every model from scratch (vstain demo --retrain)")
     ap.add_argument("--from", dest="src", type=Path, default=None,
                     help="read a finished demo folder instead of running one (e.g. the README's vstain-demo/)")
+    ap.add_argument("--grid", type=Path, default=None, help="also write the report's Fig. 2 examples as this PNG")
     ap.add_argument("--wall", type=float, default=None, help="with --from: the wall seconds it took, as measured")
     args = ap.parse_args()
     from vstain_cli.demo import DemoOptions, run_demo
 
     if args.src is not None:
         res, wall = from_folder(args.src), args.wall
-        text = figures(res, wall if wall is not None else sum(res.seconds.values()), None)
+        text = figures(res, wall if wall is not None else sum(res.seconds.values()), None,
+                       measured=f"`vstain demo` into `{args.src.name}/`")
     else:
         shutil.rmtree(args.out, ignore_errors=True)
         t0, c0 = time.perf_counter(), time.process_time()
         res = run_demo(args.out, DemoOptions(device="cpu", retrain=args.retrain))
         text = figures(res, time.perf_counter() - t0, time.process_time() - c0)
     print(text)
+    if args.grid is not None:
+        print(f"Fig. 2 examples: {write_grid(res.out / 'score' / 'report.html', args.grid)}")
     if args.write:
         write_block(text)
 
