@@ -149,7 +149,8 @@ def export_bundle(res: DemoResult, options: DemoOptions, dest: Path, command: st
                 "recipe": options.recipe(), "phantom_version": PHANTOM_VERSION,
                 "phantom_fingerprint": phantom_fingerprint(),
                 "runs": dict(BUNDLED), "seconds": res.seconds, "scores": scores,
-                "calibration": res.calibration, "provenance": record({"demo": options.recipe()})}
+                "calibration": res.calibration, "stainnet": (res.score or {}).get("stainnet"),
+                "provenance": record({"demo": options.recipe()})}
     write_json(dest / BUNDLE_FILE, manifest)
     return dest / BUNDLE_FILE
 
