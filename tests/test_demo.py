@@ -16,7 +16,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", str(out), "--slides", "4", "--size", "256", "256", "--channels", "4", "--tile", "32",
             "--diffusion-steps", "2", "--baseline-steps", "2", "--stainnet-steps", "2", "--samples", "2", "--sample-steps", "2",
-            "--device", "cpu"]
+            "--device", "cpu", "--retrain", "--export-bundle", str(tmp_path / "bundle")]
     proc = run_cli(*args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     score = json.loads((out / "score" / "score.json").read_text())
@@ -29,6 +29,13 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
         assert json.loads(cal_file.read_text())["samples"] == 2
     else:  # too few val tiles in a tiny demo for the risk bound: said, and the demo goes on
         assert "calibration skipped" in proc.stderr
+    # --export-bundle: the runs as bundled runs, with the recipe that made them
+    manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert manifest["recipe"]["channels"] == 4 and manifest["recipe"]["diffusion_steps"] == 2
+    assert manifest["phantom_fingerprint"] and set(manifest["scores"]) == {"diffusion", "regression", "pix2pix"}
+    for name in ("phantom-diffusion", "phantom-regression", "phantom-pix2pix", "phantom-stainnet"):
+        assert (tmp_path / "bundle" / name / "weights.safetensors").is_file()
+        assert not (tmp_path / "bundle" / name / "state.pt").exists()
     stained = next((out / "stained").glob("*.diffusion.tif"))
     slide = openslide.OpenSlide(str(stained))
     assert slide.dimensions == (256, 256)
