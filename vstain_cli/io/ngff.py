@@ -160,7 +160,7 @@ class _Level:
             self.nxt.finish()
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish_folder(tmp: Path, out: Path) -> None:
     """Rename a finished folder onto ``out``, replacing an older output (the caller checked --force)."""
     old = None
     if out.exists():
@@ -220,7 +220,7 @@ def write_ngff(
             levels[0].add(band)
         levels[0].finish()
         group.attrs.update(ngff_attrs(shapes, samples, dtype, mpp, channel_names, path.stem, metadata))
-        _publish(tmp, path)
+        publish_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -60,6 +60,7 @@ from vstain_cli.infer.wholeslide import (
     require_diffusion,
 )
 from vstain_cli.io.masks import SlideMask
+from vstain_cli.io.ngff import publish_folder
 from vstain_cli.io.outputs import SUFFIX, writer_for
 from vstain_cli.io.resample import mask_on_slide_grid, output_size, to_slide_grid
 from vstain_cli.io.slides import SlideReader, TiffSlide, open_af, open_he, open_image
@@ -453,17 +454,6 @@ def check_output_folder(out: Path, force: bool, inputs: list[Path]) -> None:
     ensure_writable_dir(out.parent)
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temp folder onto ``out`` (replacing an old output)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -557,7 +547,7 @@ def uncertainty_slide(
         try:
             result = _write_outputs(tmp, af_path, run, slide, mask, plan, regions, options, scale, sampling,
                                     sampler, ref, progress, grid)
-            _publish(tmp, out)
+            publish_folder(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
