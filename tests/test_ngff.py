@@ -13,7 +13,7 @@ import pytest
 import torch
 from format_writers import write_ome_tiff
 from test_formats import identity_run
-from torch import nn
+from test_stain import OracleEps
 
 from vstain_cli.diffusion.schedule import Schedule
 from vstain_cli.errors import InputError, OutputExistsError
@@ -139,18 +139,6 @@ def test_stain_format_zarr_is_the_tiff_slide_as_ome_zarr(tmp_path):
     with pytest.raises(InputError, match="not an OME-Zarr image; refusing"):
         stain_slide(af, run, folder, StainOptions(out_format="zarr", **opts), force=True)
     assert (folder / "keep.txt").exists()
-
-
-class OracleEps(nn.Module):
-    """eps of the denoiser whose x0 is the first three AF channels: every sample is the same."""
-
-    def __init__(self, schedule: Schedule):
-        super().__init__()
-        self.abar = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)
-
-    def forward(self, x_t, t, cond):
-        a = self.abar[t.long()].reshape(-1, 1, 1, 1)
-        return (x_t - a.sqrt() * cond[:, :3]) / (1 - a).sqrt()
 
 
 def test_uncertainty_format_zarr_writes_ome_zarr_maps(tmp_path):
