@@ -110,3 +110,49 @@ def write(fmt: str, folder: Path, hwc: np.ndarray, name: str | None = None, **kw
     """Write ``hwc`` in ``fmt`` into ``folder``; returns the path."""
     fn, default = WRITERS[fmt]
     return fn(folder / (name or default), hwc, **kw)
+
+
+# ----------------------------------------------------------------------------- files vstain must refuse or route
+
+
+def write_ome_stack(path: Path, array: np.ndarray, axes: str) -> Path:
+    """tifffile's OME writer with any axes (``TZCYX``, ``CZYX``, ...): DimensionOrder and SizeT/Z/C
+    in the OME-XML follow ``axes``, one page per plane."""
+    tifffile.imwrite(path, array, ome=True, photometric="minisblack", metadata={"axes": axes})
+    return path
+
+
+def _mcu_starts(jpeg: bytes) -> list[int]:
+    """Offsets of the entropy-coded segments (after SOS, then after each RSTn marker) in a baseline JPEG."""
+    sos = jpeg.index(b"\xff\xda")
+    starts = [sos + 2 + int.from_bytes(jpeg[sos + 2 : sos + 4], "big")]
+    i = starts[0]
+    while (i := jpeg.find(b"\xff", i)) != -1 and i + 1 < len(jpeg):
+        if 0xD0 <= jpeg[i + 1] <= 0xD7:
+            starts.append(i + 2)
+        i += 2
+    return starts
+
+
+def write_ndpi_like(path: Path, rgb: np.ndarray, mpp: float = MPP, levels: int = 3) -> Path:
+    """A Hamamatsu NDPI-like TIFF: per level one JPEG strip (Pillow, restart markers every 4 MCUs),
+    Make 'Hamamatsu', NDPI tags 65420 (format flag), 65421 (source lens), 65424 (z offset) and
+    65426 (McuStarts). OpenSlide opens it as vendor 'hamamatsu'; tifffile sees ``is_ndpi`` and
+    splits the strip into McuStarts tiles that need the NDPI JPEG header to decode."""
+    import io
+
+    from PIL import Image
+
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(levels):
+            a = np.ascontiguousarray(rgb[:: 2**k, :: 2**k])
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="JPEG", quality=95, subsampling=0, restart_marker_blocks=4)
+            data = buf.getvalue()
+            starts = _mcu_starts(data)
+            tags = [(271, 2, 0, "Hamamatsu", True), (65420, 4, 1, 1, True), (65421, 11, 1, 20.0 / 2**k, True),
+                    (65424, 9, 1, 0, True), (65426, 4, len(starts), starts, True)]
+            tw.write(iter([data]), shape=a.shape, dtype=np.uint8, photometric="rgb", compression="jpeg",
+                     rowsperstrip=a.shape[0], resolution=(1e4 / (mpp * 2**k),) * 2, resolutionunit="CENTIMETER",
+                     extratags=tags, metadata=None)
+    return path

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vstain_cli.errors import InputError
-from vstain_cli.io.slide_base import SlideBase, _check_file, _short
+from vstain_cli.io.slide_base import SlideBase, _check_file, _short, stack_error
 
 CZI_MAGIC = b"ZISRAWFILE"
 _DTYPES = {"Gray8": np.uint8, "Gray16": np.uint16, "Gray32Float": np.float32}
@@ -44,16 +44,25 @@ class CziSlide(SlideBase):
         self.x0, x1 = box["X"]
         self.y0, y1 = box["Y"]
         self.width, self.height = x1 - self.x0, y1 - self.y0
-        for dim in ("Z", "T"):
-            if box.get(dim, (0, 1))[1] > 1:
-                self.close()
-                raise InputError(f"CZI has {box[dim][1]} {dim} planes; vstain reads 2D multi-channel slides", self.path)
-        self.channels = box["C"][1]
+        sizes = {dim: n for dim, (_, n) in box.items() if dim not in "XY"}
+        if sizes.get("T", 1) > 1 or sizes.get("Z", 1) > 1:
+            self.close()
+            raise stack_error(self.path, "CZI", sizes)
+        others = {d: n for d, n in sizes.items() if d not in "TZCSM" and n > 1}  # phases, rotations, views ...
+        if others:
+            self.close()
+            raise InputError(f"CZI has more than one plane along {', '.join(f'{d}={n}' for d, n in others.items())}; "
+                             "vstain reads one 2D plane of C channels", self.path)
+        self.channels = sizes.get("C", 1)
         kinds = set(types.values())
+        if any(k.startswith("Bgr") for k in kinds):
+            self.close()
+            raise InputError(f"looks like an RGB H&E (brightfield) slide (pixel type {'/'.join(sorted(kinds))}), "
+                             "not grey AF (Gray8, Gray16 or Gray32Float)", self.path)
         if len(kinds) != 1 or next(iter(kinds)) not in _DTYPES:
             self.close()
             raise InputError(f"CZI pixel type {'/'.join(sorted(kinds))} is not grey AF "
-                             "(Gray8, Gray16 or Gray32Float; Bgr is brightfield)", self.path)
+                             "(Gray8, Gray16 or Gray32Float)", self.path)
         self.dtype = np.dtype(_DTYPES[next(iter(kinds))])
         self.mpp = _czi_mpp(meta)
         self.level_dimensions = [(self.width, self.height)]

@@ -65,6 +65,13 @@ def _short(e: BaseException) -> str:
     return msg[:160]
 
 
+def stack_error(path: Path, what: str, sizes: dict[str, int]) -> InputError:
+    """The one-line refusal of a time series or z stack: ``what`` (the format) and its T, Z, C sizes."""
+    dims = ", ".join(f"{a}={sizes.get(a, 1)}" for a in "TZC")
+    return InputError(f"{what} has {dims}: a time series or z stack; vstain reads one 2D plane of C channels "
+                      "(T=1, Z=1): export one plane first (e.g. bfconvert -timepoint 0 -z 0)", path)
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise InputError("file not found", path)

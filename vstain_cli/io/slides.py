@@ -2,10 +2,12 @@
 
 AF: OME-TIFF, QPTIFF and plain TIFF (tifffile, here), CZI (``io/czi``) and
 OME-Zarr (``io/ngff``), detected from the file's content (``detect_format``).
-H&E: OpenSlide, or tifffile for RGB TIFFs. Every reader returns pixels
-channels-last, ``(h, w, C)``, in the source dtype. AF never goes through
-OpenSlide: it silently returns channel 0 of a multi-channel TIFF as grey
-(docs/data.md).
+H&E: OpenSlide, or tifffile for RGB TIFFs OpenSlide does not recognise; vendor
+formats (NDPI, SVS, MRXS, ...) only ever go through OpenSlide. Every reader
+returns pixels channels-last, ``(h, w, C)``, in the source dtype, and refuses in
+one line what it cannot read (stacks with T or Z > 1, brightfield given as AF).
+AF never goes through OpenSlide: it silently returns channel 0 of a
+multi-channel TIFF as grey (docs/data.md).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from vstain_cli.io.slide_base import (  # noqa: F401 - re-exported: the readers'
     _short,
     _thumbnail,
     check_af_dtype,
+    stack_error,
 )
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -77,7 +80,10 @@ class _PageRegions:
         data = os.pread(self.fd, count, self.offsets[index]) if count else None
         if count and len(data) != count:
             raise InputError("truncated TIFF (tile data past the end of the file)", self.page.parent.filehandle.path)
-        seg, _, shape = self.decode(data, index, jpegtables=self.jpegtables)
+        try:
+            seg, _, shape = self.decode(data, index, jpegtables=self.jpegtables)
+        except Exception as e:  # imagecodecs raises its own error kinds per codec
+            raise InputError(f"cannot decode TIFF image data ({_short(e)})", self.page.parent.filehandle.path) from None
         if seg is None:  # empty segment
             seg = np.zeros(shape, self.dtype)
         seg = seg.reshape(shape[1], shape[2], shape[3])  # (length, width, contig samples)
@@ -130,8 +136,9 @@ class TiffSlide(SlideBase):
             levels = list(series.levels)
         except Exception as e:  # tifffile raises many kinds for bad files
             raise InputError(f"not a readable TIFF ({_short(e)})", self.path) from None
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fds: dict[str, int] = {}  # one per file: a multi-file OME-TIFF spreads its planes over several
         try:
+            self._check_layout(series)
             self._open_levels(levels)
         except BaseException:
             self.close()
@@ -141,22 +148,53 @@ class TiffSlide(SlideBase):
         self.channels = first[0].samples if len(first) == 1 else len(first)
         self.dtype = np.dtype(first[0].dtype)
         self.axes = levels[0].axes
+        self.photometric = first[0].page.photometric.name  # MINISBLACK for AF, RGB/YCBCR for brightfield
         self.format = "qptiff" if self._tif.is_qpi else "ome-tiff" if self._tif.is_ome else "tiff"
         self.mpp = _tiff_mpp(self._tif)
 
+    def _check_layout(self, series: tifffile.TiffPageSeries) -> None:
+        """InputError unless the series is one 2D plane of channels (OME T = Z = 1, no other stack axis).
+
+        The OME Pixels element's SizeT/SizeZ are checked as well as tifffile's axes, so a
+        Bio-Formats stack is refused whatever its DimensionOrder, even where tifffile could
+        not parse the OME-XML and fell back to a flat page sequence.
+        """
+        tif = self._tif
+        if tif.is_ndpi:
+            raise InputError("a Hamamatsu NDPI slide is read through OpenSlide (as H&E), not tifffile", self.path)
+        sizes = dict(zip(series.axes, series.shape))
+        order = ""
+        if tif.is_ome:
+            pixels = _ome_pixels(tif.ome_metadata or "")
+            order = pixels.get("DimensionOrder", "")
+            for a in "TZC":
+                if pixels.get(f"Size{a}", "").isdigit():
+                    sizes[a] = max(sizes.get(a, 1), int(pixels[f"Size{a}"]))
+        if sizes.get("T", 1) > 1 or sizes.get("Z", 1) > 1:
+            what = f"OME-TIFF (DimensionOrder {order})" if order else f"TIFF (axes {series.axes})"
+            raise stack_error(self.path, what, sizes)
+        stacked = [a for a, n in zip(series.axes, series.shape) if n > 1 and a not in "YXS"]
+        if len(stacked) > 1 or (stacked and stacked[0] not in _CHANNEL_AXES):
+            raise InputError(f"unsupported TIFF layout (axes {series.axes}, shape {series.shape}): "
+                             "vstain reads one 2D plane of channels", self.path)
+
     def _open_levels(self, levels: list) -> None:
-        size = os.fstat(self._fd).st_size
         self._levels: list[list[_PageRegions]] = []
         self.level_dimensions: list[tuple[int, int]] = []
         for lvl in levels:
-            pages = [p for p in lvl.pages if p is not None]
-            pages = [p.aspage() if not isinstance(p, tifffile.TiffPage) else p for p in pages]
-            for p in pages:
+            missing = sum(p is None for p in lvl.pages)
+            if missing:
+                raise InputError(f"{missing} of {len(lvl.pages)} image planes are missing (a multi-file OME-TIFF "
+                                 "whose other files are not next to it?)", self.path)
+            pages = [_as_page(p) for p in lvl.pages]
+            fds = [self._fd_of(p) for p in pages]
+            for p, fd in zip(pages, fds):
+                size = os.fstat(fd).st_size
                 if len(p.dataoffsets) and max(o + c for o, c in zip(p.dataoffsets, p.databytecounts)) > size:
-                    raise InputError("truncated TIFF (image data past the end of the file)", self.path)
+                    raise InputError("truncated TIFF (image data past the end of the file)", p.parent.filehandle.path)
             if len(pages) > 1 and any(p.samplesperpixel != 1 for p in pages):
                 raise InputError(f"unsupported TIFF layout (axes {lvl.axes})", self.path)
-            self._levels.append([_PageRegions(p, self._fd) for p in pages])
+            self._levels.append([_PageRegions(p, fd) for p, fd in zip(pages, fds)])
             self.level_dimensions.append((pages[0].imagewidth, pages[0].imagelength))
 
     def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
@@ -166,10 +204,42 @@ class TiffSlide(SlideBase):
         return np.concatenate([r.read(x, y, w, h) for r in readers], axis=2)
 
     def close(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+        self._fds = {}
         self._tif.close()
+
+    def _fd_of(self, page: tifffile.TiffPage) -> int:
+        """A read-only descriptor of the file holding ``page`` (opened once per file)."""
+        path = os.path.realpath(page.parent.filehandle.path)
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+
+# Axes tifffile names for a sequence of planes that vstain reads as AF channels:
+# channel, lambda (spectral), and the generic sequence/unknown of plain multi-page TIFFs.
+_CHANNEL_AXES = "CEIQ"
+
+
+def _as_page(page: tifffile.TiffPage | tifffile.TiffFrame) -> tifffile.TiffPage:
+    """A full page for a frame, reopening for a moment the other file of a multi-file OME-TIFF it may be in."""
+    if isinstance(page, tifffile.TiffPage):
+        return page
+    fh = page.parent.filehandle
+    if not fh.closed:
+        return page.aspage()
+    fh.open()
+    try:
+        return page.aspage()
+    finally:
+        fh.close()
+
+
+def _ome_pixels(xml: str) -> dict[str, str]:
+    """Attributes of the first OME ``Pixels`` element (the first image's SizeT/Z/C, DimensionOrder)."""
+    m = re.search(r"<(?:\w+:)?Pixels\b([^>]*)>", xml)
+    return dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', m.group(1))) if m else {}
 
 
 def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
@@ -272,8 +342,53 @@ def detect_format(path: str | Path) -> str:
     return {".czi": "czi", ".zarr": "ome-zarr"}.get(suffix, "unknown")
 
 
-def open_af(path: str | Path) -> SlideReader:
-    """Open an AF slide of any supported format (detected from the file) and check its dtype."""
+# OpenSlide's vendor names (``OpenSlide.detect_format``) as users know the formats.
+_VENDOR_NAMES = {
+    "hamamatsu": "a Hamamatsu NDPI/VMS slide", "aperio": "an Aperio SVS slide", "leica": "a Leica SCN slide",
+    "mirax": "a 3DHISTECH MIRAX slide", "philips": "a Philips TIFF slide", "ventana": "a Roche Ventana BIF slide",
+    "sakura": "a Sakura SVSlide", "trestle": "a Trestle slide", "dicom": "a DICOM WSI slide",
+}
+
+
+def openslide_vendor(path: str | Path) -> str | None:
+    """OpenSlide's vendor for a whole-slide format it recognises, else None (``generic-tiff`` included)."""
+    try:
+        import openslide
+
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # no OpenSlide, or a file it cannot even probe
+        return None
+    return None if vendor in (None, "generic-tiff") else vendor
+
+
+def _refuse_brightfield(path: Path, model_channels: int | None) -> None:
+    """InputError for a file in an OpenSlide (RGB brightfield) format given as AF."""
+    vendor = openslide_vendor(path)
+    if vendor is not None:
+        name = _VENDOR_NAMES.get(vendor, f"an OpenSlide '{vendor}' slide")
+        raise InputError(f"{name} (an RGB brightfield format, read through OpenSlide as H&E), not multi-channel AF"
+                         f"{_expecting(model_channels)}; AF is OME-TIFF, QPTIFF, TIFF, CZI or OME-Zarr", path)
+
+
+def _expecting(model_channels: int | None) -> str:
+    return f" (the model expects {model_channels} AF channels)" if model_channels else ""
+
+
+def _refuse_rgb(slide: TiffSlide, model_channels: int | None) -> None:
+    """InputError (closing the slide) when a TIFF given as AF is an RGB image: 3 uint8 samples, photometric RGB."""
+    if slide.photometric in ("RGB", "YCBCR") and slide.channels in (3, 4) and slide.dtype == np.uint8:
+        slide.close()
+        raise InputError(f"looks like an RGB H&E slide ({slide.channels} channels of uint8, photometric "
+                         f"{slide.photometric}), not multi-channel AF{_expecting(model_channels)}", slide.path)
+
+
+def open_af(path: str | Path, model_channels: int | None = None) -> SlideReader:
+    """Open an AF slide of any supported format (detected from the file) and check its dtype.
+
+    Refused in one line: OpenSlide brightfield formats (NDPI, SVS, MRXS, ...), RGB
+    TIFFs (an H&E given as AF), time series and z stacks. ``model_channels``, when
+    known, is named in those messages.
+    """
     path = Path(path)
     _check_path(path)
     kind = detect_format(path)
@@ -288,7 +403,9 @@ def open_af(path: str | Path) -> SlideReader:
     elif path.is_dir():
         raise InputError("not a file (a folder, and not an OME-Zarr image)", path)
     else:
+        _refuse_brightfield(path, model_channels)
         slide = TiffSlide(path)
+        _refuse_rgb(slide, model_channels)
     check_af_dtype(slide)
     return slide
 
@@ -327,6 +444,8 @@ def open_he(path: str | Path) -> SlideReader:
                 pass
         return slide
     except InputError as first:
+        if openslide_vendor(path) is not None:  # a vendor format OpenSlide cannot read: never tifffile
+            raise
         try:
             slide = TiffSlide(path)
         except InputError:
