@@ -278,3 +278,23 @@ def test_cli_unreadable_known_formats_and_channel_mismatch_are_one_line(files, m
     assert_one_error_line(run_cli("tile", str(tmp_path / "pairs.csv"), "-o", str(tmp_path / "ds")),
                           "junk.czi", "not a readable CZI")
     assert not out.exists() and not (tmp_path / "ds").exists()
+
+
+def test_cli_refuses_stacks_ndpi_and_rgb_he_as_af_in_one_line(cube, micro_regression, tmp_path):
+    """A Bio-Formats-style T=2, Z=3, C=2 OME-TIFF, an NDPI and an RGB H&E TIFF given as AF: exit 2, one line."""
+    import tifffile
+    from conftest import assert_one_error_line, run_cli
+    from format_writers import write_ndpi_like, write_ome_stack
+
+    out = tmp_path / "o.tif"
+    stack = write_ome_stack(tmp_path / "tzc.ome.tif", np.zeros((2, 3, 2, 32, 48), np.uint16), "TZCYX")
+    assert_one_error_line(run_cli("stain", str(stack), "-m", str(micro_regression), "-o", str(out)),
+                          "tzc.ome.tif", "T=2, Z=3, C=2")
+    rgb = np.repeat((cube[..., :1] >> 4).astype(np.uint8), 3, axis=2)
+    ndpi = write_ndpi_like(tmp_path / "he.ndpi", rgb[:256, :384])
+    assert_one_error_line(run_cli("uncertainty", str(ndpi), "-m", str(micro_regression), "-o", str(tmp_path / "u")),
+                          "he.ndpi", "Hamamatsu NDPI")
+    tifffile.imwrite(tmp_path / "he.tif", rgb, photometric="rgb", tile=(64, 64))
+    assert_one_error_line(run_cli("stain", str(tmp_path / "he.tif"), "-m", str(micro_regression), "-o", str(out)),
+                          "he.tif", "looks like an RGB H&E slide")
+    assert not out.exists() and not (tmp_path / "u").exists()
