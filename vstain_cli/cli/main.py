@@ -43,12 +43,13 @@ def main(
 
 
 def _register() -> None:
-    from vstain_cli.cli import calibrate, demo, register, score, stain, synth, tile, train, uncertainty
+    from vstain_cli.cli import calibrate, demo, distill, register, score, stain, synth, tile, train, uncertainty
 
     app.command("synth", no_args_is_help=True)(synth.synth)
     app.command("register", no_args_is_help=True)(register.register)
     app.command("tile", no_args_is_help=True)(tile.tile)
     app.command("train", no_args_is_help=True)(train.train)
+    app.command("distill", no_args_is_help=True)(distill.distill)
     app.command("calibrate", no_args_is_help=True)(calibrate.calibrate)
     app.command("stain", no_args_is_help=True)(stain.stain)
     app.command("uncertainty", no_args_is_help=True)(uncertainty.uncertainty)

@@ -50,10 +50,29 @@ class Run:
     classifier: StainNet | None = None
     af_low: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32), repr=False)
     af_high: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32), repr=False)
+    distill: dict[str, Any] | None = None  # config.json's "distill" block of a `vstain distill` run
 
     @property
     def is_diffusion(self) -> bool:
         return self.kind == "diffusion"
+
+    @property
+    def network_calls(self) -> int | None:
+        """Network calls per window by default: K of a distilled run, 1 of an interval or
+        deterministic run, None for a diffusion run (the sampler decides)."""
+        if self.distill is not None:
+            return int(self.distill.get("network_calls", 1))
+        return None if self.is_diffusion else 1
+
+    @torch.no_grad()
+    def interval(self, af: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised AF (B, C, H, W) -> (lower, upper) RGB in [-1, 1], lower <= upper, in one
+        network call (interval runs of `vstain distill --intervals`; uncalibrated)."""
+        if self.kind != "interval":
+            raise VstainError(f"is a {self.kind} run; only an interval run (`vstain distill --intervals`) "
+                              "gives bounds in one call", self.path)
+        lo, hi = self.model(self.condition(af), bounds=True)
+        return lo.float().clamp(-1.0, 1.0), hi.float().clamp(-1.0, 1.0)
 
     def normalize(self, af: np.ndarray) -> np.ndarray:
         """Raw AF (..., C, H, W) -> [-1, 1] with the training dataset's statistics."""
@@ -139,6 +158,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         raise InputError("corrupt run config (normalisation does not match channels)", cfg_path)
 
     tensors, meta = load_weights(path / WEIGHTS)
+    if isinstance(cfg.get("distill"), dict):
+        return _load_distilled(path, cfg, preset, channels, tile, low, high, tensors, meta, torch.device(device))
     if meta.get("kind", preset.kind) != preset.kind:
         raise InputError(f"weights are for a {meta.get('kind')} model, config says {preset.kind}", path / WEIGHTS)
     net = build_network(preset, channels)
@@ -160,4 +181,19 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         run.prior = preset.diffusion.prior
     if preset.kind == "stainnet":
         run.classifier = net  # type: ignore[assignment]
+    return run
+
+
+def _load_distilled(path: Path, cfg: dict[str, Any], preset: Preset, channels: int, tile: int, low: np.ndarray,
+                    high: np.ndarray, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                    dev: torch.device) -> Run:
+    """A `vstain distill` run: a K-step diffusion run on its respaced schedule, or an interval run."""
+    from vstain_cli.train.distill import student_network
+
+    student = student_network(cfg, preset, channels, tensors, meta, path)
+    net = student.model.to(dev).eval().requires_grad_(False)
+    run = Run(path=path, config=cfg, preset=preset, kind=student.kind, channels=channels, tile_size=tile,
+              step=int(meta.get("step", 0)), device=dev, model=net, af_low=low, af_high=high,
+              distill=cfg["distill"], prior=preset.diffusion.prior, prediction=preset.diffusion.prediction)
+    run.schedule = student.schedule
     return run
