@@ -28,10 +28,10 @@ from vstain_cli.diffusion.samplers import sample
 from vstain_cli.diffusion.schedule import Schedule
 from vstain_cli.infer.stitch import (
     CanvasDenoiser,
+    blend_regions,
     noise_canvas,
     region_plan,
     seam_ratio,
-    stream_regions,
     window_grid,
 )
 
@@ -89,7 +89,7 @@ def seams(args, schedule: Schedule) -> None:
             return hwc(sample(CanvasDenoiser(net, w, args.overlap, 64), xr, schedule, None, sampler=name,
                               steps=args.steps, clip_x0=False, generator=gen(100 + r.index)))
 
-        streamed = np.concatenate([s for _, s in stream_regions(plan, process, n, n, 3)])
+        streamed = np.concatenate([s for _, s in blend_regions(plan, ((r, process(r)) for r in plan), n, n, 3)])
         row.append(seam_ratio(streamed, w))
         print(f"{name:9} " + " ".join(f"{v:12.3f}" for v in row[:4]) + f" {row[4]:9.3f}")
     print(f"(streamed: regions of {n // 2} px, margin {w // 2}, joint ov={args.overlap}; "

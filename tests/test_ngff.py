@@ -133,7 +133,7 @@ def test_stain_format_zarr_is_the_tiff_slide_as_ome_zarr(tmp_path):
         stain_slide(af, run, res.out, StainOptions(out_format="zarr", **opts))
     stain_slide(af, run, res.out, StainOptions(out_format="zarr", seed=1, **opts), force=True)  # replaced
     assert json.loads((res.out / ".zattrs").read_text())["vstain"]["config"]["stain"]["seed"] == 1
-    folder = tmp_path / "notes"
+    folder = tmp_path / "notes.zarr"
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
     with pytest.raises(InputError, match="not an OME-Zarr image; refusing"):

@@ -230,7 +230,7 @@ def test_calibration_scales_and_force(oracle_maps, env, tmp_path):
         (run.path / "calibration.json").unlink()
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("x")
-    with pytest.raises(InputError, match="not an uncertainty output"):
+    with pytest.raises(InputError, match="holds no uncertainty.json"):
         uncertainty_slide(env["af"], run, tmp_path / "precious", UncertaintyOptions(**OPTS), force=True)
 
 

@@ -78,29 +78,64 @@ def record(config: dict[str, Any], inputs: dict[str, Any] | None = None) -> dict
     }
 
 
+TMP_MARK = ".partial-"  # every temporary output is named ``.NAME.partial-PID`` next to its final path
+
+
 def tmp_name(path: Path) -> Path:
-    """The temporary sibling an output is written to before its rename."""
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+    """The temporary sibling an output is written to before its rename (the one temp-name rule)."""
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def stale_tmp_names(folder: Path) -> list[Path]:
+    """Temporary outputs in ``folder`` left by killed runs (any process id)."""
+    return sorted(folder.glob(f".*{TMP_MARK}*")) if folder.is_dir() else []
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def replace_path(tmp: Path, path: Path) -> None:
+    """Rename a finished ``tmp`` (file or folder) onto ``path``, replacing what is there.
+
+    A folder cannot be renamed onto a non-empty one, so an old ``path`` is moved aside
+    first and removed after; the caller checked ``--force``.
+    """
+    old = None
+    if path.is_dir() or (tmp.is_dir() and path.exists()):
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        remove_path(old)
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)  # put the old output back
+        raise
+    if old is not None:
+        remove_path(old)
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename onto ``path`` on success.
 
-    On any exception the temporary file (or folder) is removed, so an output is
-    either complete or absent.
+    The caller creates a file or a folder at the yielded path. On any exception
+    (Ctrl-C included) it is removed, so an output is either complete or absent.
     """
     path = Path(path)
     tmp = tmp_name(path)
+    remove_path(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        replace_path(tmp, path)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        remove_path(tmp)
         raise
 
 

@@ -24,31 +24,26 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
-import torch
 
-from vstain_cli.errors import InputError, input_errors
+from vstain_cli.infer import stitch
+from vstain_cli.infer.engine import SlideRun, run_slide
 from vstain_cli.infer.run import Run
 from vstain_cli.infer.wholeslide import (
     RegionSampler,
     RegionStats,
     SlideOptions,
-    apply_protocol,
-    blended_strips,
-    fit_scale,
-    make_plan,
-    open_for_inference,
-    region_stream,
+    calibrated_sampling,
     write_thumbnail_png,
 )
-from vstain_cli.io.masks import SlideMask
-from vstain_cli.io.outputs import check_replaceable, writer_for
-from vstain_cli.io.resample import output_size, to_slide_grid
-from vstain_cli.progress import NullProgress, Progress
-from vstain_cli.provenance import check_output_file, fingerprint, record
-from vstain_cli.runtime import place
+from vstain_cli.io.outputs import FileOutput
+from vstain_cli.progress import Progress
+from vstain_cli.provenance import fingerprint, record
+from vstain_cli.train.run_folder import CONFIG
+
+THUMBNAIL_SIZE = 1024
 
 
 @dataclass
@@ -69,6 +64,46 @@ class StainResult:
     scale: dict[str, Any] | None = None      # the slide-scale decision (``SlideScale.as_dict``)
 
 
+class StainOp:
+    """The ``stain`` region op: one sample per region, faded into white glass; an RGB image + thumbnail."""
+
+    channels = 3
+    nothing_to_do = "nothing to stain"
+
+    def __init__(self) -> None:
+        self.sampler: RegionSampler | None = None
+
+    def accept(self, run: Run) -> None:
+        """Any run that stains (StainNet runs are refused by the engine)."""
+
+    def inputs(self) -> list[Path]:
+        return []
+
+    def calibrated_sampling(self, run: Run) -> dict[str, Any] | None:
+        return calibrated_sampling(run)
+
+    def prepare(self, ctx: SlideRun) -> int:
+        self.sampler = RegionSampler(ctx.run, ctx.slide, ctx.mask, ctx.options)
+        self.sampler.progress = ctx.progress
+        return ctx.sampling["steps"] if ctx.sampling else 1
+
+    def __call__(self, region: stitch.Region) -> np.ndarray:
+        return self.sampler(region)
+
+    def finish(self, strips: Iterator[np.ndarray], ctx: SlideRun, target: FileOutput) -> StainResult:
+        o, run = ctx.options, ctx.run
+        meta = record({"stain": {**asdict(o), "out_format": target.format}, "model": str(run.path), "model_kind": run.kind,
+                       "model_step": run.step, "window_overlap": self.sampler.overlap, "sampling": ctx.sampling,
+                       "scale": ctx.scale.as_dict()},
+                      {"af": fingerprint(ctx.af_path), "model_config": fingerprint(run.path / CONFIG)})
+        u8 = (np.clip(np.rint(s), 0, 255).astype(np.uint8) for s in strips)
+        H, W = ctx.out_size
+        levels = target.write(u8, H, W, 3, np.uint8, mpp=ctx.scale.out_mpp, compression=o.compression,
+                              quality=o.quality, metadata=meta, min_level_size=256)
+        thumb = write_thumbnail_png(target.path, target.thumbnail, THUMBNAIL_SIZE)
+        return StainResult(target.path, thumb, levels, 0.0, self.sampler.stats, ctx.sampling, ctx.scale.as_dict())
+
+
 def stain_slide(
     af_path: str | Path,
     model: str | Path | Run,
@@ -78,52 +113,16 @@ def stain_slide(
     force: bool = False,
     progress: Progress | None = None,
 ) -> StainResult:
-    """Virtually stain a whole AF slide into a pyramidal H&E TIFF (+ PNG thumbnail)."""
-    options = options or StainOptions()
-    with input_errors():
-        options.check()
-    progress = progress or NullProgress()
-    af_path, out = Path(af_path), Path(out)
-    rank = place().rank
-    t0 = time.perf_counter()
-    run, slide = open_for_inference(af_path, model, options.device)  # inputs first, then the output
-    if rank == 0:
-        try:
-            check_output_file(out, force, inputs=[af_path])
-            check_replaceable(out, options.out_format)
-        except BaseException:
-            slide.close()
-            raise
-    options, sampling = apply_protocol(options, run)
-    try:
-        slide, scale = fit_scale(run, slide, options)  # the model's µm/px; outputs at the slide's
-        torch.manual_seed(options.seed)
-        mask = SlideMask(slide, run.tile_size)
-        if mask.empty:
-            raise InputError("no tissue found in the AF slide (nothing to stain)", af_path)
-        for message in scale.warnings if rank == 0 else []:  # once the inputs are known to be usable
-            progress.warn(message)
-        plan = make_plan(slide, run, options)
-        sampler = RegionSampler(run, slide, mask, options)
-        sampler.progress = progress
-        regions = region_stream(plan, sampler, out, progress)
-        if rank != 0:
-            for _ in regions:
-                pass
-            return StainResult(out, None, [], time.perf_counter() - t0, sampler.stats)
-        meta = record({"stain": asdict(options), "model": str(run.path), "model_kind": run.kind,
-                       "model_step": run.step, "window_overlap": sampler.overlap, "sampling": sampling,
-                       "scale": scale.as_dict()},
-                      {"af": fingerprint(af_path), "model_config": fingerprint(run.path / "config.json")})
-        blended = blended_strips(plan, regions, slide.height, slide.width, 3, 256)
-        strips = (np.clip(np.rint(s), 0, 255).astype(np.uint8) for s in to_slide_grid(blended, slide))
-        H, W = output_size(slide)
-        levels = writer_for(options.out_format)(out, strips, H, W, 3, np.uint8, mpp=scale.out_mpp,
-                                                compression=options.compression, quality=options.quality,
-                                                metadata=meta, min_level_size=256)
-        thumb = write_thumbnail_png(out, out.with_suffix(".thumbnail.png"))
-    finally:
-        slide.close()
-    return StainResult(out, thumb, levels, time.perf_counter() - t0, sampler.stats, sampling,
-                       scale.as_dict())
+    """Virtually stain a whole AF slide into a pyramidal H&E TIFF or OME-Zarr image (+ PNG thumbnail).
 
+    On torchrun ranks > 0 the result has no thumbnail and no levels (rank 0 writes).
+    """
+    options = options or StainOptions()
+    t0 = time.perf_counter()
+    op = StainOp()
+    result = run_slide(af_path, model, op, FileOutput(out, force, options.out_format), options, progress)
+    seconds = time.perf_counter() - t0
+    if result is None:
+        return StainResult(Path(out), None, [], seconds, op.sampler.stats if op.sampler else RegionStats())
+    result.seconds = seconds
+    return result

@@ -1,43 +1,44 @@
-"""Whole-slide machinery shared by ``stain`` and ``uncertainty``.
+"""What one region of a whole slide needs, for the ops of ``infer/engine``.
 
-Open a run and an AF slide that fit each other, plan streaming regions, sample
-each region with joint window denoising (``RegionSampler``), compute regions
-here or across torchrun ranks (``region_stream``) and feather-blend them into
-finished strips of rows (``blended_strips``).
+The sampling options (``SlideOptions``), a region sampled with joint window
+denoising (``RegionSampler``), the slide brought to the run's scale
+(``fit_scale``), the sampling a run was calibrated with (``calibrated_sampling``)
+and the PNG previews (``write_thumbnail_png``, ``fit_within``).
 """
 
 from __future__ import annotations
 
-import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from vstain_cli.diffusion.samplers import SAMPLERS, protocol_record, resolve_protocol, sample
+from vstain_cli.diffusion.samplers import SAMPLERS, resolve_protocol, sample
 from vstain_cli.errors import InputError, input_errors
 from vstain_cli.infer import stitch
-from vstain_cli.infer.run import Run, resolve_run
+from vstain_cli.infer.run import Run
 from vstain_cli.io.masks import SlideMask
 from vstain_cli.io.outputs import OUTPUT_FORMATS
 from vstain_cli.io.resample import ResampledSlide, SlideScale, plan_scale
-from vstain_cli.io.slides import TiffSlide, open_af, open_image
+from vstain_cli.io.slides import TiffSlide, open_image
 from vstain_cli.progress import Progress
 from vstain_cli.provenance import atomic_output
-from vstain_cli.runtime import place
 from vstain_cli.seeding import sample_seed
+from vstain_cli.train.run_folder import CALIBRATION_FILE
+
+DEFAULT_SAMPLER = "ddim"  # when neither the flags nor the run's calibration say
 
 
 @dataclass
 class SlideOptions:
     """How a slide is sampled (shared by stain and uncertainty); recorded in the output's provenance."""
 
-    sampler: str = "ddim"
+    sampler: str | None = None      # None (with steps, eta): the run's calibration's, else DDIM
     steps: int | None = None
-    eta: float = 0.0
+    eta: float | None = None
     protocol: str = "fast"          # "paper": DDPM with the model's T steps (samplers.PROTOCOLS)
     batch_size: int = 16
     overlap: int | None = None      # window overlap in px (default: 1/4 window diffusion, 1/2 others)
@@ -49,19 +50,23 @@ class SlideOptions:
     compression: str = "jpeg"
     quality: int = 90
     mpp: float | None = None        # the slide's µm/px when its file lacks or misstates it (--mpp)
-    out_format: str = "tiff"        # "tiff" (pyramidal TIFF) or "zarr" (OME-Zarr), --format
+    out_format: str | None = None   # "tiff" or "zarr" (--format); None: from the output's suffix
 
     def check(self) -> None:
-        if self.sampler not in SAMPLERS:
+        """ValueError naming the flag for a value no run can use."""
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
-        resolve_protocol(self.protocol, self.sampler, self.steps, self.eta)  # ValueError on a conflict
+        # ValueError on a conflicting flag
+        resolve_protocol(self.protocol, self.sampler or DEFAULT_SAMPLER, self.steps, self.eta or 0.0)
         if self.steps is not None and not 1 <= self.steps <= 10_000:
             raise ValueError(f"--steps must be between 1 and 10000, got {self.steps}")
+        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"--eta must be between 0 and 1, got {self.eta}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         if self.region < 64:
             raise ValueError("--region must be at least 64 px")
-        if self.out_format not in OUTPUT_FORMATS:
+        if self.out_format is not None and self.out_format not in OUTPUT_FORMATS:
             raise ValueError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.out_format!r}")
         if self.mpp is not None and not 0.01 <= self.mpp <= 100:
             raise ValueError(f"--mpp must be between 0.01 and 100 µm per pixel, got {self.mpp}")
@@ -112,6 +117,25 @@ class RegionSampler:
         af = self.slide.read_region(x0, y0, x1 - x0, y1 - y0).transpose(2, 0, 1)
         return self.run.condition(torch.from_numpy(self.run.normalize(af))[None])
 
+    @torch.no_grad()
+    def seconds_per_window(self) -> float:
+        """Seconds per window of one network evaluation, timed on one batch (after a warm-up call)."""
+        b, w, dev = self.o.batch_size, self.window, self.run.device
+        cond = self.run.condition(torch.zeros((b, self.run.channels, w, w)))
+        x = torch.zeros((b, 3, w, w), device=dev)
+        t = torch.zeros((b,), dtype=torch.long, device=dev)
+
+        def call() -> None:
+            y = self.run.model(x, t, cond) if self.run.is_diffusion else self.run.model(cond)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            del y
+
+        call()
+        t0 = time.perf_counter()
+        call()
+        return (time.perf_counter() - t0) / b
+
     def __call__(self, region: stitch.Region, sample_index: int = 0) -> np.ndarray:
         """(outer h, outer w, 3) float32 RGB 0-255 for one region (one sample)."""
         y0, y1, x0, x1 = region.outer
@@ -152,84 +176,22 @@ class RegionSampler:
         return rgb * soft + 255.0 * (1.0 - soft)  # glass is white; the section's edge fades into it
 
 
-def _distributed_regions(
-    plan: list[stitch.Region], compute: Callable[[stitch.Region], np.ndarray], shard_dir: Path, progress: Progress
-) -> Iterator[tuple[stitch.Region, np.ndarray]]:
-    """Regions computed round-robin by every rank into ``shard_dir``; rank 0 yields them in order."""
-    import torch.distributed as dist
+def calibrated_sampling(run: Run) -> dict[str, Any] | None:
+    """The sampler, steps and eta ``RUN/calibration.json`` was made with (None: no calibration).
 
-    p = place()
-    rank, world = p.rank, p.world_size
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    mine = [r for r in plan if r.index % world == rank]
-    progress.start("regions", f"regions (rank {rank}/{world})", len(mine))
-    for r in mine:
-        np.save(shard_dir / f"region-{r.index:06d}.npy", compute(r))
-        progress.advance("regions")
-    dist.barrier()
-    if rank == 0:
-        for r in plan:
-            path = shard_dir / f"region-{r.index:06d}.npy"
-            yield r, np.load(path)
-            path.unlink()
-    dist.barrier()
+    The keys are those ``vstain calibrate`` writes (``uq/calibrate``); an unreadable
+    file gives None here, and its one-line error where the calibration itself is used.
+    """
+    import json
 
-
-def blended_strips(
-    plan: list[stitch.Region], regions: Iterator[tuple[stitch.Region, np.ndarray]],
-    height: int, width: int, channels: int, strip_rows: int,
-) -> Iterator[np.ndarray]:
-    """Feather-blend regions (in plan order) into finished strips of rows."""
-    blender = stitch.RegionBlender(height, width, channels, plan, strip_rows)
-    for region, pixels in regions:
-        for _, strip in blender.add(region, pixels):
-            yield strip
-    for _, strip in blender.close():
-        yield strip
-
-
-def region_stream(
-    plan: list[stitch.Region], compute: Callable[[stitch.Region], np.ndarray], out: Path, progress: Progress
-) -> Iterator[tuple[stitch.Region, np.ndarray]]:
-    """(region, pixels) in plan order: computed here, or across torchrun ranks."""
-    p = place()
-    rank, world = p.rank, p.world_size
-    if world > 1:
-        shard_dir = out.with_name(f".{out.name}.shards")
-        if rank == 0:
-            shutil.rmtree(shard_dir, ignore_errors=True)
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            yield from _distributed_regions(plan, compute, shard_dir, progress)
-        finally:
-            if rank == 0:
-                shutil.rmtree(shard_dir, ignore_errors=True)
-        return
-    progress.start("regions", "regions", len(plan))
-    for r in plan:
-        pixels = compute(r)
-        progress.advance("regions")
-        yield r, pixels
-    progress.finish("regions")
-
-
-def open_for_inference(af_path: str | Path, model: str | Path | Run, device: str) -> tuple[Run, TiffSlide]:
-    """Open the AF slide (named first when missing), load the run; check they fit each other."""
-    slide = open_af(af_path)
+    path = run.path / CALIBRATION_FILE
     try:
-        run = resolve_run(model, device)
-        if run.kind == "stainnet":
-            raise InputError("is a StainNet run (a classifier); choose a diffusion, regression or pix2pix run",
-                             run.path)
-        if slide.channels != run.channels:
-            raise InputError(
-                f"AF has {slide.channels} channels but model {run.path.name} was trained on {run.channels}", af_path
-            )
-    except BaseException:
-        slide.close()
-        raise
-    return run, slide
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("sampler") is None:
+        return None
+    return {"sampler": meta.get("sampler"), "steps": meta.get("steps_effective"), "eta": meta.get("eta")}
 
 
 def training_mpp(run: Run) -> float | None:
@@ -256,12 +218,6 @@ def fit_scale(run: Run, slide: TiffSlide, options: SlideOptions) -> tuple[TiffSl
     if scale.resample:
         slide = ResampledSlide(slide, scale.factor, mpp=scale.model_mpp)
     return slide, scale
-
-
-def make_plan(slide: TiffSlide, run: Run, options: SlideOptions) -> list[stitch.Region]:
-    """The streaming region plan for a slide."""
-    margin = options.margin if options.margin is not None else run.tile_size // 2
-    return stitch.region_plan(slide.height, slide.width, options.region, margin, run.tile_size)
 
 
 MAX_THUMBNAIL = 2048  # the long side of every PNG preview (thumbnail, uncertainty overlay) is at most this
@@ -304,16 +260,6 @@ def write_thumbnail_png(tiff_path: Path, png_path: Path, max_size: int = 1024) -
     with atomic_output(png_path) as tmp:
         Image.fromarray(np.ascontiguousarray(img.astype(np.uint8))).save(tmp, format="PNG", optimize=True)
     return png_path
-
-
-def apply_protocol(options: SlideOptions, run: Run) -> tuple[SlideOptions, dict[str, Any] | None]:
-    """``options`` with the sampler, steps and eta of its protocol, and the protocol record
-    (``samplers.protocol_record``; None for runs that do not sample)."""
-    sampler, steps, eta = resolve_protocol(options.protocol, options.sampler, options.steps, options.eta)
-    resolved = replace(options, sampler=sampler, steps=steps, eta=eta)
-    if not run.is_diffusion:
-        return resolved, None
-    return resolved, protocol_record(options.protocol, sampler, steps, eta, run.schedule.T)
 
 
 def require_diffusion(run: Run) -> None:

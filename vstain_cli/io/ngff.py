@@ -10,13 +10,11 @@ Neuroglancer and Bio-Formats all read today: a ``c, y, x`` multiscale with µm
 scales in each level's coordinate transformations, Blosc-zstd chunks of one
 tile, levels halved like ``io/tiff.write_pyramid``'s. Strips stream in and every
 level is written chunk row by chunk row (memory: one chunk row per level), into
-a temporary folder renamed onto the output when complete.
+a temporary folder renamed onto the output when complete (``provenance.atomic_output``).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,6 +23,7 @@ import numpy as np
 from vstain_cli.errors import InputError
 from vstain_cli.io.slide_base import SlideBase, _check_path, _short
 from vstain_cli.io.tiff import DEFAULT_TILE, _downsample2, _rechunk, level_shapes
+from vstain_cli.provenance import atomic_output
 
 NGFF_VERSION = "0.4"
 _UNIT_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6,
@@ -160,20 +159,6 @@ class _Level:
             self.nxt.finish()
 
 
-def publish_folder(tmp: Path, out: Path) -> None:
-    """Rename a finished folder onto ``out``, replacing an older output (the caller checked --force)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
 def write_ngff(
     path: str | Path,
     strips: Iterable[np.ndarray],
@@ -200,13 +185,11 @@ def write_ngff(
 
     path, dtype = Path(path), np.dtype(dtype)
     shapes = level_shapes(height, width, min_level_size)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     codec = None
     if compression not in (None, "none"):
         codec = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
     cz = samples if samples <= 4 else 1  # RGB(A) in one chunk: one request per tile for viewers
-    try:
+    with atomic_output(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         levels: list[_Level] = []
         for k, (h, w) in enumerate(shapes):
@@ -220,10 +203,6 @@ def write_ngff(
             levels[0].add(band)
         levels[0].finish()
         group.attrs.update(ngff_attrs(shapes, samples, dtype, mpp, channel_names, path.stem, metadata))
-        publish_folder(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return shapes
 
 

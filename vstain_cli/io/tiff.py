@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import tifffile
 
-from vstain_cli.provenance import atomic_output
+from vstain_cli.provenance import atomic_output, remove_path
 
 DEFAULT_TILE = 256
 
@@ -250,26 +250,39 @@ def read_provenance(path: str | Path) -> dict[str, Any]:
     return {}
 
 
+class _Aborted(Exception):
+    """The producer of ``write_pyramids`` failed or was interrupted: writers stop at once."""
+
+
 def write_pyramids(specs: list[dict[str, Any]], strips: Iterable[tuple[np.ndarray, ...]], queue_size: int = 3) -> None:
     """Write several pyramids from one stream of strip tuples, each in its own thread.
 
     ``specs[i]`` holds the ``write_pyramid`` arguments (``path``, ``height``,
     ``width``, ``samples``, ``dtype`` and options; ``writer`` another writer
-    with the same arguments) for the ``i``-th element of
-    every tuple yielded by ``strips``. Memory stays bounded by ``queue_size``
-    strips per output. On any error no output is left behind.
+    with the same arguments) for the ``i``-th element of every tuple yielded by
+    ``strips``. Memory stays bounded by ``queue_size`` strips per output. On any
+    error, Ctrl-C included, every writer stops within a strip and no output is
+    left behind (a finished one is removed too).
     """
     import queue
     import threading
 
     queues: list[queue.Queue] = [queue.Queue(maxsize=queue_size) for _ in specs]
     errors: list[BaseException] = []
+    abort = threading.Event()
     done = object()
 
     def consume(q: queue.Queue) -> Iterator[np.ndarray]:
         while True:
-            item = q.get()
+            try:
+                item = q.get(timeout=0.1)
+            except queue.Empty:
+                if abort.is_set():
+                    raise _Aborted from None
+                continue
             if item is done:
+                if abort.is_set():  # the stream ended early: never publish a short image
+                    raise _Aborted
                 return
             yield item
 
@@ -279,34 +292,39 @@ def write_pyramids(specs: list[dict[str, Any]], strips: Iterable[tuple[np.ndarra
             writer = spec.pop("writer", write_pyramid)  # e.g. io/ngff.write_ngff (same arguments)
             writer(spec.pop("path"), consume(q), spec.pop("height"), spec.pop("width"),
                    spec.pop("samples"), spec.pop("dtype", np.uint8), **spec)
+        except _Aborted:
+            pass
         except BaseException as e:  # surfaced in the caller's thread
             errors.append(e)
-            while q.get() is not done:  # keep draining so the producer never blocks
-                pass
+            abort.set()
+
+    def put(q: queue.Queue, t: threading.Thread, item: Any) -> None:
+        """Put unless the writer is gone (a full queue of a dead writer would block forever)."""
+        while t.is_alive():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     threads = [threading.Thread(target=worker, args=(s, q), daemon=True) for s, q in zip(specs, queues)]
     for t in threads:
         t.start()
     try:
         for parts in strips:
-            if errors:
+            if abort.is_set():
                 break
-            for q, part in zip(queues, parts):
-                q.put(part)
+            for q, t, part in zip(queues, threads, parts):
+                put(q, t, part)
     except BaseException as e:
-        errors.append(e)
+        errors.insert(0, e)  # the producer's own error (e.g. KeyboardInterrupt) is the one to raise
+        abort.set()
     finally:
-        for q in queues:
-            q.put(done)
+        for q, t in zip(queues, threads):
+            put(q, t, done)
         for t in threads:
             t.join()
     if errors:
         for s in specs:  # an output whose writer finished before the failure is removed too
-            p = Path(s["path"])
-            if p.is_dir():
-                import shutil
-
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            remove_path(Path(s["path"]))
         raise errors[0]

@@ -10,7 +10,7 @@ Four pieces, each usable on its own:
   so one shared noise canvas is denoised jointly; ``blend_predictions`` does the
   same once for deterministic models (regression, pix2pix);
 * regions: ``region_plan`` splits a slide into streaming regions (sampled with a
-  margin of context) and ``RegionBlender`` feather-blends them into finished strips
+  margin of context) and ``RegionBlender`` (``blend_regions`` for a stream of regions) feather-blends them into finished strips
   of rows, in order, with memory bounded by about two region rows x slide width;
   ``noise_canvas`` gives every slide pixel its own counter-based Gaussian noise, so
   overlapping margins of neighbouring regions start from the same x_T;
@@ -20,7 +20,7 @@ See docs/stitching.md for the formulas and the choices made.
 """
 
 from vstain_cli.infer.stitch.noise import noise_canvas, region_generator
-from vstain_cli.infer.stitch.regions import Region, RegionBlender, region_plan, stream_regions
+from vstain_cli.infer.stitch.regions import Region, RegionBlender, blend_regions, region_plan
 from vstain_cli.infer.stitch.seams import seam_ratio, seam_ratio_axes, seam_steps
 from vstain_cli.infer.stitch.windows import (
     CanvasDenoiser,
@@ -31,7 +31,7 @@ from vstain_cli.infer.stitch.windows import (
 )
 
 __all__ = [
-    "CanvasDenoiser", "Region", "RegionBlender", "blend_predictions", "constant_fill", "feather_weights",
+    "CanvasDenoiser", "Region", "RegionBlender", "blend_predictions", "blend_regions", "constant_fill", "feather_weights",
     "noise_canvas", "region_generator", "region_plan", "seam_ratio", "seam_ratio_axes", "seam_steps",
-    "stream_regions", "window_grid",
+    "window_grid",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -179,26 +179,20 @@ class RegionBlender:
         return [(y0, strip)]
 
 
-def stream_regions(plan: Sequence[Region], process: Callable[[Region], np.ndarray], height: int,
-                   width: int, channels: int, strip_rows: int | None = None,
-                   progress=None) -> Iterator[tuple[int, np.ndarray]]:
-    """Run ``process(region) -> (outer h, outer w, C)`` over ``plan``; yield blended strips.
+def blend_regions(plan: Sequence[Region], regions: Iterable[tuple[Region, np.ndarray]], height: int,
+                  width: int, channels: int, strip_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Feather-blend ``(region, pixels (outer h, outer w, C))`` pairs, in plan order, into strips.
 
-    The glue between a sampler and a strip-streaming writer: strips come in order,
-    top to bottom, each (y0, rows (h, W, C) float32). ``progress`` (a
-    vstain_cli.progress.Progress, optional) advances task "regions" once per region.
+    Strips come top to bottom as soon as they are final, each ``(y0, rows (h, W, C)
+    float32)``; each region's pixels are dropped once added, so memory stays at
+    about one region row x slide width (``RegionBlender``).
     """
     blender = RegionBlender(height, width, channels, plan, strip_rows)
-    if progress is not None:
-        progress.start("regions", "regions", len(plan))
-    try:
-        for region in plan:
-            yield from blender.add(region, process(region))
-            if progress is not None:
-                progress.advance("regions")
-        yield from blender.close()
-    finally:
-        if progress is not None:
-            progress.finish("regions")
-
-
+    for region, pixels in regions:
+        done = blender.add(region, pixels)
+        del pixels
+        while done:
+            yield done.pop(0)
+    done = blender.close()
+    while done:
+        yield done.pop(0)
