@@ -3,6 +3,8 @@ order (T, Z, C) honoured, stacks, NDPI and RGB H&E given as AF refused in one li
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import tifffile
@@ -205,6 +207,33 @@ def test_czi_single_plane_still_reads(tmp_path, cube):
         np.testing.assert_array_equal(s.read_region(0, 0, 130, 100), hwc)
 
 
+def _write_tczyx_zarr(path, array):
+    """ome-zarr-py's writer, 5D ``t, c, z, y, x`` (the NGFF axis order), one level."""
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.io import parse_url
+    from ome_zarr.writer import write_image
+
+    store = parse_url(str(path), mode="w", fmt=FormatV04()).store
+    write_image(image=array, group=zarr.group(store=store, zarr_format=2), axes="tczyx", scale_factors=(),
+                storage_options={"chunks": (1, 1, 1, 32, 32)}, fmt=FormatV04())
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ome_zarr.writer")
+@pytest.mark.filterwarnings("ignore:Scale value not provided:UserWarning")
+def test_ome_zarr_tczyx_reads_c_channels_and_refuses_stacks(tmp_path, cube):
+    data = cube[:4, :64, :96]
+    one = _write_tczyx_zarr(tmp_path / "one.zarr", data[None, :, None])
+    with open_af(one) as s:
+        assert s.channels == 4
+        np.testing.assert_array_equal(s.read_region(0, 0, 96, 64), data.transpose(1, 2, 0))
+    stack = _write_tczyx_zarr(tmp_path / "stack.zarr", np.zeros((2, 2, 3, 32, 48), np.uint16))
+    with pytest.raises(InputError) as e:
+        open_af(stack)
+    _one_line(e, stack, "planes")
+
+
 # ----------------------------------------------------------------------------- NDPI and RGB H&E
 
 
@@ -265,6 +294,21 @@ def test_real_svs_given_as_af_is_one_line():
     with pytest.raises(InputError) as e:
         open_af(SHARED_SVS)
     _one_line(e, SHARED_SVS, "Aperio SVS", "not multi-channel AF")
+
+
+def test_damaged_svs_tile_is_one_line_at_read_time(tmp_path):
+    """A copy of the real SVS with its first JPEG tile zeroed: OpenSlide opens it, the read fails."""
+    path = tmp_path / "damaged.svs"
+    shutil.copy(SHARED_SVS, path)
+    page = tifffile.TiffFile(path).pages[0]
+    with open(path, "r+b") as f:
+        f.seek(page.dataoffsets[0])
+        f.write(b"\x00" * page.databytecounts[0])
+    with open_he(path) as s:
+        assert isinstance(s, OpenSlideSlide)
+        with pytest.raises(InputError) as e:
+            s.read_region(0, 0, 64, 64)
+    _one_line(e, path, "OpenSlide cannot read a region")
 
 
 def test_undecodable_tile_data_is_one_line_at_read_time(tmp_path, cube):

@@ -286,9 +286,10 @@ class OpenSlideSlide(SlideBase):
 
         self.path = Path(path)
         _check_file(self.path)
+        self._error = openslide.OpenSlideError
         try:
             self._slide = openslide.OpenSlide(str(self.path))
-        except openslide.OpenSlideError as e:
+        except self._error as e:
             raise InputError(f"OpenSlide cannot read it ({_short(e)})", self.path) from None
         self.width, self.height = self._slide.dimensions
         self.level_dimensions = list(self._slide.level_dimensions)
@@ -300,7 +301,10 @@ class OpenSlideSlide(SlideBase):
 
     def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
         ds = self.level_downsamples[level]
-        rgba = np.asarray(self._slide.read_region((int(x * ds), int(y * ds)), level, (w, h)))
+        try:
+            rgba = np.asarray(self._slide.read_region((int(x * ds), int(y * ds)), level, (w, h)))
+        except self._error as e:  # e.g. a damaged JPEG tile
+            raise InputError(f"OpenSlide cannot read a region ({_short(e)})", self.path) from None
         return _rgba_to_rgb(rgba)
 
     def close(self) -> None:
