@@ -108,7 +108,9 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path, name):
     train(p.with_train(steps=2), tiny_dataset, tmp_path / "split", device="cpu")
     res = train(p.with_train(steps=4), tiny_dataset, tmp_path / "split", device="cpu")
     assert res.start_step == 2 and res.step == 4
-    _assert_same(_state(tmp_path / "straight"), _state(tmp_path / "split"))
+    straight, split = _state(tmp_path / "straight"), _state(tmp_path / "split")
+    assert straight.pop("elapsed_s") > 0 and split.pop("elapsed_s") > 0  # wall time: the one thing that differs
+    _assert_same(straight, split)
     # metrics continue without duplicates
     steps = [r["step"] for r in run_folder.read_metrics(tmp_path / "split") if r["split"] == "train"]
     assert steps == [1, 2, 3, 4]
@@ -202,3 +204,64 @@ def test_precision_and_device_rules():
 def test_derive_seed():
     assert derive_seed(0, 1) == derive_seed(0, 1) != derive_seed(0, 2)
     assert 0 <= derive_seed(5, 6, 7) < 2**63
+
+
+def test_keep_best_val_exports_the_lowest_val_loss(tiny_dataset, tmp_path):
+    # lr 0.5 makes the L1 regression jump around: the best validation is rarely the last one
+    p = micro("tiny-regression", train={"steps": 8, "val_every": 1, "checkpoint_every": 3, "lr": 0.5,
+                                        "warmup_steps": 0, "grad_clip": 0.0, "keep": "best-val"})
+    out = tmp_path / "run"
+    res = train(p, tiny_dataset, out, device="cpu")
+    val = [r for r in run_folder.read_metrics(out) if r["split"] == "val"]
+    best = min(val, key=lambda r: (r["loss"], r["step"]))
+    assert res.best_step == best["step"] and res.best_val_loss == pytest.approx(best["loss"])
+    end = run_folder.end_record(out)
+    assert end["best_step"] == best["step"] and end["step"] == 8 and val[-1]["best_step"] == best["step"]
+    assert end["elapsed_s"] > 0
+    tensors, meta = checkpoint.load_weights(out / "weights.safetensors")
+    assert meta["step"] == "8" and meta["best_step"] == str(best["step"]) and meta["keep"] == "best-val"
+    # the exported weights are the best step's: a run that stops there has the same inference weights
+    stop = train(p.with_train(steps=best["step"]), tiny_dataset, tmp_path / "stop", device="cpu")
+    assert stop.best_step == best["step"]
+    same, _ = checkpoint.load_weights(tmp_path / "stop" / "weights.safetensors")
+    assert all(torch.equal(tensors[k], same[k]) for k in tensors)
+    assert best["step"] < 8  # (seeded: the loss diverges after step 4), so the last weights differ from them
+    last = _state(out)["objective"]["nets"]["net"]
+    assert not all(torch.equal(tensors[k], last[k]) for k in tensors)
+    # a resume across the best step keeps it (the best weights live in state.pt too)
+    train(p.with_train(steps=4), tiny_dataset, tmp_path / "split", device="cpu")
+    again = train(p, tiny_dataset, tmp_path / "split", device="cpu")
+    assert again.best_step == best["step"]
+    resumed, _ = checkpoint.load_weights(tmp_path / "split" / "weights.safetensors")
+    assert all(torch.equal(tensors[k], resumed[k]) for k in tensors)
+
+
+def test_a_finished_run_keeps_its_config_and_a_resume_is_logged(tiny_dataset, tmp_path, monkeypatch):
+    p = micro("tiny-regression", train={"steps": 2})
+    out = tmp_path / "run"
+    monkeypatch.setattr("sys.argv", ["vstain", "train", "--first"])
+    train(p, tiny_dataset, out, device="cpu")
+    before = (out / "config.json").read_bytes()
+    monkeypatch.setattr("sys.argv", ["vstain", "train", "--second"])
+    res = train(p, tiny_dataset, out, device="cpu")
+    assert res.start_step == res.step == 2
+    assert (out / "config.json").read_bytes() == before  # names the command that trained it
+    assert json.loads(before)["provenance"]["command"] == "vstain train --first"
+    assert run_folder.resumes(out) == []
+    monkeypatch.setattr("sys.argv", ["vstain", "train", "--third"])
+    train(p.with_train(steps=4), tiny_dataset, out, device="cpu")
+    assert (out / "config.json").read_bytes() == before
+    (r,) = run_folder.resumes(out)
+    assert r["step"] == 2 and r["steps"] == 4 and r["command"] == "vstain train --third" and r["time"]
+
+
+def test_a_run_made_before_keep_existed_still_resumes(tiny_dataset, tmp_path):
+    p = micro("tiny-regression", train={"steps": 2})
+    out = tmp_path / "run"
+    train(p, tiny_dataset, out, device="cpu")
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["preset"]["train"]["keep"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert train(p.with_train(steps=3), tiny_dataset, out, device="cpu").start_step == 2
+    with pytest.raises(InputError, match="preset.train.keep"):
+        train(micro("tiny-regression", train={"steps": 4, "keep": "best-val"}), tiny_dataset, out, device="cpu")

@@ -5,6 +5,13 @@ Every random draw of step ``s`` on rank ``r`` comes from generators seeded by
 (seed, s, r): the batch (data.StepBatchSampler), the noise/timesteps/prior of
 the loss, and the global torch RNG (dropout). A run resumed from a checkpoint at
 step s therefore continues exactly as the uninterrupted run would have.
+
+With ``[train] keep = "best-val"`` the exported weights are those of the
+validation with the lowest val loss (kept in the training state too, so a
+resume keeps them); ``weights.safetensors`` records ``best_step`` and
+``best_val_loss`` in its metadata and metrics.jsonl a ``best`` line. A resume
+appends a ``resume`` line (step, time, command) to metrics.jsonl; config.json
+is written when a run starts and never rewritten for a finished run.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ class TrainResult:
     start_step: int
     val: dict[str, Any] = field(default_factory=dict)
     weights: Path | None = None
+    best_step: int | None = None        # keep = "best-val": the step whose weights were exported
+    best_val_loss: float | None = None
 
 
 def check_dataset(info: DatasetInfo, preset: Preset) -> None:
@@ -115,7 +124,7 @@ def _train(preset: Preset, info: DatasetInfo, out: Path, dist: Dist, *, resume: 
             progress.warn(w)
         if mode == "fresh":
             run_folder.clear(out)
-        run_folder.write_config(out, config)
+            run_folder.write_config(out, config)
         if preset.kind == "stainnet":
             for split, labels in missing_labels(info).items():
                 progress.warn(f"the {split} split has no slide with label(s) {labels}: StainNet cannot learn or "
@@ -138,8 +147,17 @@ def _train(preset: Preset, info: DatasetInfo, out: Path, dist: Dist, *, resume: 
             raise InputError(f"training state does not fit the preset ({e})", out / checkpoint.STATE) from None
         checkpoint.set_rng_state(state.get("rng", {}))
         start = int(state["step"])
+        best, elapsed = state.get("best"), float(state.get("elapsed_s", 0.0))
+        if start >= t.steps:  # finished: report it, touch nothing (config.json names the command that trained it)
+            result = TrainResult(out=out, step=start, start_step=start, weights=out / checkpoint.WEIGHTS)
+            if best:
+                result.best_step, result.best_val_loss = int(best["step"]), float(best["value"])
+            return result
         if dist.is_main:
             run_folder.truncate_metrics(out, start)
+            run_folder.record_resume(out, config, start)
+    else:
+        best, elapsed = None, 0.0
     if dist.is_main:
         if mode == "resume":
             prog.info(progress, f"{preset.name}: resumed at step {start} from {out / checkpoint.STATE}")
@@ -149,12 +167,11 @@ def _train(preset: Preset, info: DatasetInfo, out: Path, dist: Dist, *, resume: 
     obj.wrap(dist.wrap)
 
     result = TrainResult(out=out, step=start, start_step=start)
-    if start >= t.steps:
-        result.weights = out / checkpoint.WEIGHTS
-        return result
-    loop = _Loop(preset, info, out, dist, obj, progress, start)
+    loop = _Loop(preset, info, out, dist, obj, progress, start, best, elapsed)
     loop.run()
     result.step, result.val, result.weights = t.steps, loop.last_val, out / checkpoint.WEIGHTS
+    if loop.best is not None:
+        result.best_step, result.best_val_loss = loop.best["step"], loop.best["value"]
     return result
 
 
@@ -162,14 +179,22 @@ class _Loop:
     """The step loop with its logging, validation and checkpoint cadence."""
 
     def __init__(self, preset: Preset, info: DatasetInfo, out: Path, dist: Dist, obj: Objective,
-                 progress: Progress, start: int):
+                 progress: Progress, start: int, best: dict[str, Any] | None = None, elapsed: float = 0.0):
         self.preset, self.info, self.out, self.dist, self.obj = preset, info, out, dist, obj
         self.progress, self.start = progress, start
         self.t = preset.train
+        # keep = "best-val": {"step", "value" (val loss), "weights" (exported tensors)} of the best validation so far
+        self.best: dict[str, Any] | None = best if self.t.keep == "best-val" else None
+        # wall seconds spent training up to the last checkpoint (kept across resumes; lost work is not counted)
+        self.elapsed0, self.t0 = elapsed, time.perf_counter()
         self.last_ckpt = start
         self.last_val: dict[str, Any] = {}
         self.train_set = PatchDataset(info, "train", obj.fields)
         self.val_set = PatchDataset(info, "val", obj.fields)
+
+    def elapsed(self) -> float:
+        """Wall seconds this run has trained (this process and the resumed ones before it)."""
+        return self.elapsed0 + time.perf_counter() - self.t0
 
     def _loader(self) -> DataLoader:
         t, d = self.t, self.dist
@@ -216,7 +241,7 @@ class _Loop:
                 dt = time.perf_counter() - t_log
                 rec = {"step": done, "split": "train", "lr": lr,
                        **{k: v / n_acc for k, v in acc.items()},
-                       "images_per_s": n_acc * t.batch_size / max(dt, 1e-9)}
+                       "images_per_s": n_acc * t.batch_size / max(dt, 1e-9), "elapsed_s": self.elapsed()}
                 self._log(rec)
                 prog.update(self.progress, "train", loss=rec["loss"], lr=lr)
                 acc, n_acc, t_log = {}, 0, time.perf_counter()
@@ -269,7 +294,9 @@ class _Loop:
                 prog.update(self.progress, "train", phase="validation")
                 self.last_val = self._val_metrics(step)
                 if self.last_val:
-                    self._log({"step": step, "split": "val", **self.last_val})
+                    self._keep_best(step)
+                    best = {"best_step": self.best["step"]} if self.best is not None else {}
+                    self._log({"step": step, "split": "val", **self.last_val, **best})
                     self._check_chance(step)
                 prog.update(self.progress, "train", phase="sample grid")
                 self._sample_grid(step)
@@ -300,6 +327,15 @@ class _Loop:
             out["confusion"] = conf.tolist()  # rows: true label, columns: predicted
         out["patches"] = count
         return out
+
+    def _keep_best(self, step: int) -> None:
+        """keep = "best-val": remember the exported weights when val loss is the lowest so far (ties: earlier)."""
+        if self.t.keep != "best-val":
+            return
+        value = float(self.last_val["loss"])
+        if self.best is None or value < float(self.best["value"]):
+            weights = {k: v.clone() for k, v in self.obj.export().items()}  # export() may share the live storage
+            self.best = {"step": step, "value": value, "weights": weights}
 
     def _check_chance(self, step: int) -> None:
         """At the last step, warn when a StainNet's validation accuracy is at or below chance."""
@@ -336,8 +372,12 @@ class _Loop:
         if d.is_main:
             meta = {"format": "vstain-weights", "kind": self.preset.kind, "preset": self.preset.name,
                     "step": step, "channels": self.info.channels,
-                    "ema": self.obj.ema is not None}
-            checkpoint.save_weights(self.out / checkpoint.WEIGHTS, self.obj.export(), meta)
+                    "ema": self.obj.ema is not None, "keep": self.t.keep}
+            weights = self.obj.export()
+            if self.best is not None:  # the best validation's weights; ``step`` stays the step trained to
+                weights = self.best["weights"]
+                meta.update(best_step=self.best["step"], best_val_loss=self.best["value"])
+            checkpoint.save_weights(self.out / checkpoint.WEIGHTS, weights, meta)
             checkpoint.save_state(self.out / checkpoint.STATE, {
                 "step": step,
                 "kind": self.preset.kind,
@@ -345,7 +385,13 @@ class _Loop:
                 "world_size": d.world_size,
                 "objective": self.obj.state_dict(),
                 "rng": checkpoint.rng_state(),
+                "best": self.best,
+                "elapsed_s": self.elapsed(),
             })
+            if step == self.t.steps:
+                best = {} if self.best is None else {"metric": "val_loss", "value": self.best["value"],
+                                                     "best_step": self.best["step"]}
+                self._log({"step": step, "split": "end", "elapsed_s": self.elapsed(), **best})
         self.last_ckpt = step
         prog.update(self.progress, "train", phase=None)
         d.barrier()

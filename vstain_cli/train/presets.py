@@ -24,6 +24,7 @@ from vstain_cli.errors import InputError
 
 KINDS = ("diffusion", "regression", "pix2pix", "stainnet")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+KEEP = ("last", "best-val")  # which weights a run exports: the last step's, or those of its best validation
 
 
 @dataclass
@@ -181,10 +182,14 @@ class TrainConfig:
     sample_count: int = 8
     seed: int = 0
     workers: int = 0
+    keep: str = "last"   # "best-val": export the weights of the validation with the lowest val loss
 
     def check(self) -> None:
         _positive(self, "steps", "batch_size", "checkpoint_every", "val_every", "log_every")
         _choice(self, "precision", PRECISIONS)
+        _choice(self, "keep", KEEP)
+        if self.keep == "best-val" and self.val_batches == 0:
+            raise ValueError('keep = "best-val" needs val_batches > 0')
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
         if min(self.warmup_steps, self.val_batches, self.sample_count, self.workers, self.seed) < 0:

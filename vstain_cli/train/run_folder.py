@@ -3,12 +3,17 @@
 Files (the names live here and nowhere else): ``config.json`` (resolved preset +
 dataset fingerprint + provenance), ``weights.safetensors``, ``state.pt``,
 ``metrics.jsonl``, ``samples/step-N.png``, and ``calibration.json`` from calibrate.
+
+``config.json`` is written once, when a run starts: it names the command that
+started it. Each resume appends a ``resume`` line to metrics.jsonl instead.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,8 @@ CALIBRATION_FILE = "calibration.json"   # written by `vstain calibrate`, read by
 RUN_FORMAT = "vstain-run"
 # Settings that may change between a run and its resume.
 RESUMABLE = ("preset.train.steps", "preset.train.precision", "preset.train.workers")
+# Settings added to presets after runs were made, with the value that reproduces those runs.
+ADDED_DEFAULTS = {"preset.train.keep": "last"}
 
 
 def run_config(preset: Preset, info: DatasetInfo, *, world_size: int, device: str, precision: str) -> dict[str, Any]:
@@ -61,6 +68,9 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ, ignoring resumable and provenance fields."""
     skip = ("provenance", "runtime", "preset_source", "dataset.root")
     a, b = _flat(old), _flat(new)
+    for k, v in ADDED_DEFAULTS.items():
+        if k not in a and k in b:
+            a[k] = v
     keys = sorted(set(a) | set(b))
     return [k for k in keys if not k.startswith(skip) and k not in RESUMABLE and a.get(k) != b.get(k)]
 
@@ -120,6 +130,25 @@ def clear(out: Path) -> None:
 
 def write_config(out: Path, config: dict[str, Any]) -> None:
     write_json(out / CONFIG, config)
+
+
+def record_resume(out: Path, config: dict[str, Any], step: int) -> None:
+    """Log a resume at ``step`` (metrics.jsonl ``split: resume``) with the command and settings that resumed it."""
+    append_metrics(out, {"step": step, "split": "resume", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                         "steps": config["preset"]["train"]["steps"], "runtime": config["runtime"]})
+
+
+def resumes(out: str | Path) -> list[dict[str, Any]]:
+    """The ``resume`` lines of a run's metrics.jsonl (step, time, command), oldest first."""
+    return [r for r in read_metrics(out) if r.get("split") == "resume"]
+
+
+def end_record(out: str | Path) -> dict[str, Any] | None:
+    """The last ``end`` line of metrics.jsonl (step, elapsed_s; with keep = "best-val" also best_step and its
+    val loss ``value``), or None when the run has not finished."""
+    end = [r for r in read_metrics(out) if r.get("split") == "end"]
+    return end[-1] if end else None
 
 
 def append_metrics(out: Path, rec: dict[str, Any]) -> None:
