@@ -142,3 +142,14 @@ def test_with_train_overrides():
     assert p.train.steps == 7 and p.train.lr == load_preset("tiny-diffusion").train.lr
     with pytest.raises(InputError, match="precision"):
         p.with_train(precision="fp8")
+    with pytest.raises(InputError, match="keep must be one of last, best-val"):
+        p.with_train(keep="best")
+    with pytest.raises(InputError, match="needs val_batches > 0"):
+        p.with_train(keep="best-val", val_batches=0)
+
+
+def test_demo_image_models_train_with_equal_budgets():
+    # issue 18: diffusion and its baselines get the same optimizer steps and batch, each to its best validation
+    trains = [load_preset(f"demo-{k}").train for k in ("diffusion", "regression", "pix2pix")]
+    assert len({(t.steps, t.batch_size) for t in trains}) == 1
+    assert all(t.keep == "best-val" and t.val_batches > 0 and t.val_every < t.steps for t in trains)

@@ -72,6 +72,21 @@ def test_cli_trains_and_refuses_a_different_config(tiny_dataset, tmp_path):
     assert r.exit_code == 0 and "already trained to step 2" in r.output
 
 
+def test_cli_names_the_exported_best_step(tiny_dataset, tmp_path):
+    preset = write_preset(tmp_path / "micro.toml", micro_dict(
+        "tiny-regression", train={"keep": "best-val", "val_every": 1, "steps": 3}))
+    args = ["train", "--preset", str(preset), "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
+            "--device", "cpu"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    best = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert best["split"] == "end" and f"exported the weights of step {best['best_step']}" in r.output
+    config = (tmp_path / "run" / "config.json").read_bytes()
+    r = CliRunner().invoke(app, args)
+    assert "already trained to step 3" in r.output and f"step {best['best_step']}" in r.output
+    assert (tmp_path / "run" / "config.json").read_bytes() == config
+
+
 def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
     end = time.time() + timeout
     while time.time() < end:

@@ -72,8 +72,10 @@ def train(
         result = run_training(p, data, target, device=device, resume=resume, force=force, progress=progress)
     if not main:
         return
+    best = (f"; exported the weights of step {result.best_step} (best val loss {result.best_val_loss:.4g})"
+            if result.best_step is not None else "")
     if result.step == result.start_step:
-        out.print(f"{p.name}: already trained to step {result.step} in {target} (raise --steps to continue)",
+        out.print(f"{p.name}: already trained to step {result.step} in {target}{best} (raise --steps to continue)",
                   highlight=False)
         return
     val = result.val
@@ -84,7 +86,8 @@ def train(
         parts.append(f"sample L1 {val['sample_l1_255']:.2f}/255")
     info = ", ".join(x for x in parts if x)
     start = f" (resumed at step {result.start_step})" if result.start_step else ""
-    out.print(f"{p.name}: trained to step {result.step}{start}; {info}; weights {result.weights}", highlight=False)
+    out.print(f"{p.name}: trained to step {result.step}{start}; {info}{best}; weights {result.weights}",
+              highlight=False)
 
 
 train.__doc__ = inspect.cleandoc(train.__doc__ or "") + "\n\nPresets (models/):\n\n" + "\n\n".join(
