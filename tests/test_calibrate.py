@@ -4,12 +4,17 @@ The oracle run (tests/test_uncertainty_maps.py) samples x0 ~ N(mu, s^2) per pixe
 only approximately: few DDIM steps shrink the spread, so the raw 5-95 % interval
 under-covers targets drawn from the true N(mu, s^2), and calibration must widen it
 (lambda > 1), more so with fewer steps; held-out coverage must reach 1 - alpha.
+
+The same RCPS also calibrates the trivial constant band, the block means of
+structure scales and a one-pass interval run's bounds (interval sources); those
+are checked on constructed data whose answer is known.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +29,31 @@ from vstain_cli.data.store import normalize_af, open_dataset, unit_to_he
 from vstain_cli.errors import InputError, OutputExistsError
 from vstain_cli.progress import NullProgress
 from vstain_cli.train.loop import train
-from vstain_cli.uq.calibrate import CalibrateOptions, calibrate_run
-from vstain_cli.uq.intervals import Calibration
+from vstain_cli.uq.calibrate import CalibrateOptions, calibrate_run, coverage_warning
+from vstain_cli.uq.compat import CalibrationFile
+from vstain_cli.uq.intervals import (
+    Calibration,
+    IntervalSource,
+    RiskTable,
+    band_interval,
+    block_means,
+    calibrate_band,
+    calibrate_intervals,
+    calibrate_samples,
+    coverage_report,
+    hb_ucb,
+    scale_interval,
+    source_interval,
+)
+
+BUNDLED_CALIBRATION = Path(__file__).resolve().parents[1] / "models/runs/phantom-diffusion/calibration.json"
+
+
+def with_mpp(ds: Path, mpp: float) -> Path:
+    """Record the tiles' scale (µm/px) in a dataset's dataset.json, as `vstain tile` does."""
+    meta = json.loads((ds / "dataset.json").read_text())
+    (ds / "dataset.json").write_text(json.dumps({**meta, "mpp": mpp}))
+    return ds
 
 
 def oracle_dataset(root, per_slide: int = 24):
@@ -43,7 +71,7 @@ def oracle_dataset(root, per_slide: int = 24):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cal")
-    ds = make_tiny_dataset(root / "ds", per_slide=16)
+    ds = with_mpp(make_tiny_dataset(root / "ds", per_slide=16), 1.0)
     train(micro("tiny-diffusion", model={"attention_levels": []}, train={"steps": 2}), ds, root / "diff", device="cpu")
     train(micro("tiny-regression", model={"attention_levels": []}, train={"steps": 1}), ds, root / "reg", device="cpu")
     return {"root": root, "ds": ds, "diff": root / "diff", "reg": root / "reg",
@@ -149,10 +177,19 @@ def test_cli_subprocess(env, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(env["diff"], run)
     proc = run_cli("calibrate", "--model", str(run), "--data", str(env["ds"]), "--samples", "3", "--steps", "2",
-                   "--n", "32", "--alpha", "0.5", "--device", "cpu", "--batch-size", "32")
+                   "--n", "32", "--alpha", "0.5", "--device", "cpu", "--batch-size", "32",
+                   "--baseline", str(env["reg"]), "--scale", "4", "--scale", "16")
     assert proc.returncode == 0, proc.stderr
     print(proc.stdout)
     assert "lambda" in proc.stdout and "test coverage" in proc.stdout and "UCB" in proc.stdout
+    # the trivial bands next to the diffusion interval, the verdict, the structure scales, the slides used
+    assert "band +-c around the regression output" in proc.stdout and "band +-c around the diffusion sample mean" \
+        in proc.stdout
+    assert proc.stdout.count("than the band +-c around the regression output at the same test coverage") == 3
+    assert "structure scales" in proc.stdout and "calibration tiles from 2 val slides of grades 1, 2" in proc.stdout
+    assert "no slide of grades 0, 3" in proc.stderr
+    doc = json.loads((run / "calibration.json").read_text())
+    assert [s["block_px"] for s in doc["scales"]] == [4, 16] and doc["baselines"]["baseline_run"]["c"] > 0
     cal = Calibration.from_json(run / "calibration.json")
     assert cal.n == 32 and cal.samples == 3 and cal.alpha == 0.5 and cal.interval == "multiplicative"
     assert json.loads((run / "calibration.json").read_text())["test_coverage"]["n"] == 32
@@ -180,9 +217,201 @@ def test_cli_bad_inputs(env, tmp_path):
     assert_one_error_result(cal(env["diff"], env["ds"], "--protocol", "slow"), "unknown --protocol")
     assert_one_error_result(cal(env["diff"], env["ds"], "--lambda-max", "0.5"), "--lambda-max must be between")
     assert_one_error_result(cal(env["diff"], tmp_path / "nope"), "dataset folder not found")
+    no_mpp = make_tiny_dataset(tmp_path / "nompp", per_slide=2)
+    assert_one_error_result(cal(env["diff"], no_mpp, "--scale", "4"), "records no tile scale (mpp")
+    assert_one_error_result(cal(env["diff"], env["ds"], "--scale", "0"), "--scale must be a positive length")
+    assert_one_error_result(cal(env["diff"], env["ds"], "--baseline", str(env["diff"])),
+                            "--baseline must be a regression or pix2pix run")
     broken = tmp_path / "broken"
     shutil.copytree(env["diff"], broken)
     (broken / "weights.safetensors").write_bytes(b"not safetensors")
     assert_one_error_result(cal(broken, env["ds"]), "weights.safetensors")
     (broken / "calibration.json").write_text("{}")
     assert_one_error_result(cal(broken, env["ds"]), "--force")
+
+
+# ----------------------------------------------------------------------------- interval sources, constructed
+
+
+def gaussian_case(rng, n=400, size=8, sd=0.1):
+    """Points in [-0.8, 0.8] and targets point + N(0, sd^2) per value (model units)."""
+    point = rng.uniform(-0.8, 0.8, (n, 3, size, size))
+    return point, point + sd * rng.standard_normal(point.shape)
+
+
+def test_trivial_band_c_is_calibrated():
+    """c of the band [p - c, p + c] by RCPS: 90 % of |N(0, sd)| is 1.645 sd = 21.0 levels at sd = 0.1."""
+    rng = np.random.default_rng(0)
+    point, target = gaussian_case(rng)
+    cal = calibrate_band(point, target, alpha=0.1, delta=0.1)
+    assert cal.source == "band" and cal.center == "point" and cal.interval == "centered" and cal.q_low is None
+    true_c = 1.645 * 0.1 * 127.5
+    assert true_c < cal.lam < 1.25 * true_c and cal.ucb < 0.1  # conservative, close
+    # held out: fresh draws from the same distribution reach 1 - alpha at the calibrated c
+    p2, t2 = gaussian_case(rng)
+    lo, hi = source_interval(cal, p2)
+    assert np.allclose(hi - lo, 2 * cal.lam / 127.5)
+    held = coverage_report(t2, *band_interval(p2)[:2], p2, cal.lam, 0.1, "centered")
+    assert held["coverage"] >= 0.9
+    # the band's table gives the same coverage and clipped width without a second pass
+    table = RiskTable(IntervalSource("band"))
+    table.add(t2, p2)
+    rep = table.report(cal.lam, 0.1)
+    assert rep["coverage"] == pytest.approx(held["coverage"]) and rep["mean_width"] == pytest.approx(held["mean_width"])
+    # c is the RCPS choice: one grid step lower, the Hoeffding-Bentkus bound is no longer below alpha
+    val = RiskTable(IntervalSource("band"))
+    val.add(target, point)
+    below = val.report(cal.lam - 0.25, 0.1)
+    assert hb_ucb(below["risk"], below["n"], 0.1) >= 0.1 > hb_ucb(val.report(cal.lam)["risk"], 400, 0.1)
+    with pytest.raises(ValueError, match="additive"):
+        IntervalSource("band", "multiplicative")
+
+
+def test_samples_beat_the_band_only_where_the_spread_varies():
+    """Heteroscedastic truth (sd 0.02 or 0.3 per pixel): sample quantiles adapt, a constant band cannot, so at
+    the same held-out coverage the calibrated sample interval is narrower; with a constant sd it is not."""
+    rng = np.random.default_rng(1)
+    for varying, narrower in ((True, True), (False, False)):
+        sd = (np.where(rng.random((1, 1, 1, 8, 8)) < 0.5, 0.02, 0.3) if varying
+              else np.full((1, 1, 1, 8, 8), 0.15))
+        mu = rng.uniform(-0.3, 0.3, (1, 300, 3, 8, 8))
+        samples = mu + sd * rng.standard_normal((20, 300, 3, 8, 8))
+        target = (mu + sd * rng.standard_normal(mu.shape))[0]
+        cal = calibrate_samples(samples, target, form="centered")
+        t_samp = RiskTable(IntervalSource("samples", "centered"))
+        t_samp.add(target, samples)
+        cov = t_samp.report(cal.lam)["coverage"]
+        lo, hi = source_interval(cal, samples)
+        width = float(np.mean(np.clip(hi, -1, 1) - np.clip(lo, -1, 1)))
+        band = RiskTable(IntervalSource("band"))
+        band.add(target, samples.mean(axis=0))
+        c = band.lambda_for_coverage(cov)
+        assert band.report(c)["coverage"] >= cov
+        assert (width < 0.85 * band.report(c)["mean_width"]) is narrower  # measured: 0.76 and 1.11
+
+
+def test_block_means_narrow_relative_width_at_larger_scales():
+    """Independent per-pixel noise averages out over s x s blocks: sd / s, so the calibrated width shrinks ~1/s."""
+    rng = np.random.default_rng(2)
+    mu = rng.uniform(-0.5, 0.5, (1, 200, 3, 16, 16))
+    samples = mu + 0.2 * rng.standard_normal((20, 200, 3, 16, 16))
+    target = (mu + 0.2 * rng.standard_normal(mu.shape))[0]
+    assert block_means(target, 4).shape == (200, 3, 4, 4) and block_means(target[..., :15, :15], 4).shape[-1] == 3
+    assert np.allclose(block_means(target, 4)[0, 0, 0, 0], target[0, 0, :4, :4].mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        block_means(target, 32)
+    widths = {}
+    for block in (1, 4, 8):
+        cal = calibrate_samples(samples, target, form="centered", block=block)
+        assert cal.risk_unit == ("pixel-channel" if block == 1 else "block-channel") and cal.samples == 20
+        lo, hi = scale_interval(block_means(samples, block), cal)
+        t = block_means(target, block)
+        assert np.mean((t >= lo) & (t <= hi)) >= 0.9
+        widths[block] = float(np.mean(hi - lo))
+    assert widths[4] < 0.35 * widths[1] and widths[8] < 0.6 * widths[4]
+
+
+def test_interval_source_bounds_of_a_one_pass_run():
+    """Bounds m -/+ sd around a target m + N(0, sd^2): centered lambda* = |Z|, so lambda -> 1.645 (90 %)."""
+    rng = np.random.default_rng(3)
+    mid, target = gaussian_case(rng, n=500)
+    lower, upper = mid - 0.1, mid + 0.1
+    cal = calibrate_intervals(lower, upper, target)
+    assert cal.source == "bounds" and cal.center == "midpoint" and cal.interval == "centered"
+    assert 1.645 <= cal.lam < 1.85 and cal.ucb < 0.1 and cal.samples is None
+    # crossing quantile heads are sorted (rearrangement): swapped bounds calibrate the same
+    assert calibrate_intervals(upper, lower, target).lam == cal.lam
+    lo, hi = source_interval(cal, (lower, upper))
+    assert np.allclose(hi - lo, 0.2 * cal.lam)
+    m2, t2 = gaussian_case(rng, n=500)
+    lo2, hi2 = source_interval(cal, (m2 - 0.1, m2 + 0.1))
+    assert np.mean((t2 >= lo2) & (t2 <= hi2)) >= 0.9
+    # Conffusion's multiplicative form calibrates the same bounds too, and covers
+    mult = calibrate_intervals(lower, upper, target, form="multiplicative")
+    assert mult.interval == "multiplicative" and mult.lam > 1
+    lo3, hi3 = source_interval(mult, (m2 - 0.1, m2 + 0.1))
+    assert np.mean((t2 >= lo3) & (t2 <= hi3)) >= 0.9
+    with pytest.raises(InputError, match="no lambda up to 1"):
+        calibrate_intervals(lower, upper, target + 0.5, lambda_max=1.0)
+
+
+def test_old_calibration_files_read_as_before(tmp_path):
+    """The bundled calibration.json (no source, no scales) reads as a per-pixel calibration of samples."""
+    f = CalibrationFile.read(BUNDLED_CALIBRATION)
+    assert f.cal.source == "samples" and f.cal.interval == "multiplicative" and f.cal.lam > 1
+    assert f.cal.q_low == 0.05 and f.scales() == []
+    with pytest.raises(InputError, match=r"has no calibration at --scale 4 µm \(scales calibrated: none\)"):
+        f.scale(4)
+    # a version-1 file (no interval either) is centered; a bad scales entry names the file and the entry
+    doc = json.loads(BUNDLED_CALIBRATION.read_text())
+    for key in ("interval", "source"):
+        doc.pop(key, None)
+    old = tmp_path / "v1.json"
+    old.write_text(json.dumps({**doc, "format_version": 1}))
+    assert Calibration.from_json(old).interval == "centered" and Calibration.from_json(old).source == "samples"
+    old.write_text(json.dumps({**doc, "scales": [{"scale_um": 4, "block_px": 4, "block_um": 4, "lam": "x"}]}))
+    with pytest.raises(InputError, match=r"corrupt calibration file \(scales\[0\]\)"):
+        CalibrationFile.read(old).scales()
+
+
+def test_calibrate_run_records_bands_scales_and_slides(env, tmp_path):
+    """One calibrate_run: the per-pixel entry where readers look, the trivial bands next to it, block-mean
+    calibrations per structure scale, and the slides and grades used (with a warning: 2 val slides, 2 grades)."""
+    ds = with_mpp(shutil.copytree(env["oracle_ds"], tmp_path / "ds"), 1.0)
+    run = oracle_run(tmp_path / "oracle")
+    p = NullProgress()
+    opts = CalibrateOptions(samples=10, steps=5, n=48, batch_size=48, baseline=str(env["reg"]), scales=(1, 4, 16))
+    r = calibrate_run(run, ds, opts, progress=p)
+    doc = json.loads(r.path.read_text())
+    cal = Calibration.from_json(r.path)  # backward compatible: the per-pixel calibration at the top level
+    assert cal.source == "samples" and cal.lam == doc["forms"]["multiplicative"]["lam"] == doc["lam"]
+    # trivial bands, calibrated at the same alpha and delta, next to the diffusion interval
+    mean_band, reg_band = doc["baselines"]["sample_mean"], doc["baselines"]["baseline_run"]
+    for b in (mean_band, reg_band):
+        assert b["source"] == "band" and b["alpha"] == 0.1 and b["delta"] == 0.1 and b["ucb"] < 0.1
+        assert b["test_coverage"]["coverage"] >= 0.9 and 0 < b["test_coverage"]["mean_width_255"] <= 255
+        assert b["matched"]["coverage"] >= doc["test_coverage"]["coverage"]
+        assert isinstance(b["diffusion_narrower"], bool)
+    # sample mean ~ mu, targets ~ N(mu, 0.2^2): c near 1.645 * 0.2 * 127.5 = 42 (conservative with 48 tiles)
+    assert 40 < mean_band["c"] < 60
+    assert reg_band["model_kind"] == "regression" and reg_band["model"] == str(env["reg"])
+    assert reg_band["c"] > mean_band["c"]  # a 1-step regression is far off
+    # the oracle's spread is the same everywhere, where a constant band is the right interval: the diffusion
+    # interval (multiplicative: wider on bright pixels) is not narrower than the band around its own mean
+    assert mean_band["diffusion_narrower"] is False
+    # structure scales: block means average the per-pixel noise out; scale 1 at 1 µm/px is the per-pixel interval
+    scales = {s["scale_um"]: s for s in doc["scales"]}
+    assert [s["block_px"] for s in doc["scales"]] == [1, 4, 16] and scales[4.0]["risk_unit"] == "block-channel"
+    assert scales[1.0]["lam"] == cal.lam and scales[1.0]["test_coverage"] == doc["test_coverage"]
+    widths = [scales[s]["test_coverage"]["mean_width_255"] for s in (1.0, 4.0, 16.0)]
+    assert widths[1] < 0.4 * widths[0] and widths[2] < 0.5 * widths[1]
+    assert all(s["test_coverage"]["coverage"] >= 0.9 for s in doc["scales"])
+    assert scales[4.0]["baselines"]["sample_mean"]["c"] < mean_band["c"] / 2
+    assert scales[4.0]["baselines"]["baseline_run"]["diffusion_narrower"] is True  # off by more than the noise
+    f = CalibrationFile.read(r.path)
+    assert f.scale(4).cal.lam == scales[4.0]["lam"] and f.scale(4).block_px == 4 and len(f.scales()) == 3
+    with pytest.raises(InputError, match="scales calibrated: 1, 4, 16"):
+        f.scale(2)
+    # slides and grades used; the val split has 2 slides of grades 1 and 2 of the dataset's 0-3
+    assert doc["slides"]["calibration"] == {"split": "val", "slides": {"s4": 24, "s5": 24}, "grades": [1, 2]}
+    assert doc["slides"]["test"]["grades"] == [0, 3] and doc["slides"]["dataset_grades"] == [0, 1, 2, 3]
+    warning = next(w for w in p.warnings if "calibration tiles from" in w)
+    assert "2 slides (at least 4 wanted)" in warning and "no slide of grades 0, 3" in warning
+    assert warning in doc["warnings"] and doc["provenance"]["inputs"]["baseline"]["sha256_head_tail"]
+    # refused in one line: a scale larger than the tiles, a dataset without mpp, a baseline that samples
+    with pytest.raises(InputError, match="--scale 64 µm is 64 px at 1 µm/px, larger than the 32 px tiles"):
+        calibrate_run(run, ds, CalibrateOptions(scales=(64,)), force=True)
+    with pytest.raises(InputError, match="records no tile scale"):
+        calibrate_run(run, env["oracle_ds"], CalibrateOptions(scales=(4,)), force=True)
+    with pytest.raises(InputError, match="both 4 px blocks"):
+        calibrate_run(run, ds, CalibrateOptions(scales=(4, 4.2)), force=True)
+    with pytest.raises(InputError, match="--baseline must be a regression or pix2pix run"):
+        calibrate_run(run, ds, CalibrateOptions(baseline=str(env["diff"])), force=True)
+
+
+def test_coverage_warning_needs_four_slides_of_every_grade():
+    used = {"split": "val", "slides": {f"s{i}": 10 for i in range(4)}, "grades": [0, 1, 2, 3]}
+    assert coverage_warning(used, [0, 1, 2, 3]) is None
+    assert "no slide of grade 3" in coverage_warning({**used, "grades": [0, 1, 2]}, [0, 1, 2, 3])
+    three = {**used, "slides": {"a": 1, "b": 1, "c": 1}}
+    assert "3 slides (at least 4 wanted)" in coverage_warning(three, [0, 1, 2, 3])

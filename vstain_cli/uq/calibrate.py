@@ -9,24 +9,32 @@ et al. 2021):
 
 1. ``n`` tiles evenly spread over the calibration split (deterministic), ``samples``
    diffusion samples per tile with ``Run.translate`` (one seeded generator per
-   batch and sample), per-pixel quantiles (``uncertainty.sample_quantiles``);
+   batch and sample), per-pixel quantiles (``intervals.sample_quantiles``);
 2. per tile, the risk (fraction of pixel-channel values of the real H&E outside
-   the interval) at every lambda of the grid (``uncertainty.interval_risks``);
+   the interval) at every lambda of the grid (``intervals.RiskTable``);
 3. lambda_hat = the RCPS choice with the Hoeffding-Bentkus bound
-   (``uncertainty.calibrate_lambda``): with probability >= 1 - delta, the expected
+   (``intervals.calibrate_lambda``): with probability >= 1 - delta, the expected
    risk on new tiles is <= alpha;
-4. a held-out check on the test split at lambda_hat (``uncertainty.coverage_report``).
+4. a held-out check on the test split at lambda_hat (``intervals.coverage_report``).
 
-The same draws also give lambda and the held-out check of the other form
-(``forms`` in calibration.json, for comparison; maps use ``interval``'s). The
-sampling protocol (sampler, effective steps and eta, ``--protocol``) is recorded.
+The same draws also give, by the same RCPS at the same alpha and delta:
 
-The result is written atomically to ``RUN/calibration.json``, which
-``vstain uncertainty`` picks up by default.
+* lambda of the other form (``forms``, for comparison; maps use ``interval``'s);
+* the trivial baselines (``baselines``): a constant band [p - c, p + c] around the
+  mean of the samples and, with ``baseline``, around a regression or pix2pix run's
+  output, with c calibrated like lambda; whether the diffusion interval is
+  narrower than the band at the same test coverage is recorded;
+* intervals at structure scale (``scales``): lambda of the quantile interval of
+  block means over ``s`` x ``s`` µm blocks, for each ``scales`` entry.
+
+The sampling protocol (sampler, effective steps and eta, ``--protocol``) and the
+slides and grades used are recorded. The result is written atomically to
+``RUN/calibration.json``, which ``vstain uncertainty`` picks up by default.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -46,23 +54,24 @@ from vstain_cli.infer.run import Run, resolve_run
 from vstain_cli.infer.wholeslide import require_diffusion
 from vstain_cli.progress import NullProgress, Progress
 from vstain_cli.provenance import ensure_writable_dir, fingerprint, record, write_json
-from vstain_cli.train.run_folder import CALIBRATION_FILE
+from vstain_cli.train.run_folder import CALIBRATION_FILE, WEIGHTS
 from vstain_cli.uq.intervals import (
     DEFAULT_FORM,
     DEFAULT_LAMBDA_MAX,
     FORMS,
-    MODEL_RANGE,
     Calibration,
-    calibrate_lambda,
-    clipped_width,
+    IntervalSource,
+    RiskTable,
+    block_means,
     coverage_report,
-    interval_risks,
-    lambda_grid,
     sample_quantiles,
 )
 
 WIDTH_UNIT = "0-255 RGB; mean per-pixel width of the interval clipped to 0-255"
 LAMBDA_MAX_LIMIT = 100.0  # grid points (0.01 apart) x tiles x forms stay a few tens of MB
+MIN_CALIBRATION_SLIDES = 4  # fewer slides (or missing grades) in the calibration split: a warning
+BASELINE_KINDS = ("regression", "pix2pix")
+BANDS = ("sample_mean", "baseline_run")  # what the trivial band is centred on
 
 UNIT_TO_255 = 127.5  # [-1, 1] model space -> 0-255 RGB units (widths of intervals clipped to [-1, 1])
 
@@ -88,6 +97,8 @@ class CalibrateOptions:
     seed: int = 0
     batch_size: int = 16
     device: str = "auto"
+    baseline: str | None = None       # regression / pix2pix run: the trivial band around its output
+    scales: tuple[float, ...] = ()    # structure scales (µm) whose block means are calibrated too
 
     def check(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -112,6 +123,11 @@ class CalibrateOptions:
         for split in (self.split, self.test_split):
             if split is not None and split not in SPLITS:
                 raise InputError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+        for s in self.scales:
+            if not (math.isfinite(s) and s > 0):
+                raise InputError(f"--scale must be a positive length in µm, got {s:g}")
+        if len(set(self.scales)) != len(self.scales):
+            raise InputError(f"--scale given twice ({', '.join(f'{s:g}' for s in self.scales)})")
 
 
 @dataclass
@@ -125,11 +141,25 @@ class CalibrateResult:
     seconds: float
     sampling: dict[str, Any] = field(default_factory=dict)  # protocol, sampler, steps, eta (effective)
     forms: dict[str, Any] = field(default_factory=dict)     # form -> lam, risk, ucb, test (or error)
+    baselines: dict[str, Any] = field(default_factory=dict)  # BANDS name -> the trivial band's record
+    scales: list[dict[str, Any]] = field(default_factory=list)  # one record per structure scale
+    slides: dict[str, Any] = field(default_factory=dict)     # slides and grades of the splits used
+    warnings: list[str] = field(default_factory=list)
 
 
-def check_compatible(run: Run, info: DatasetInfo) -> None:
-    """A diffusion run whose channels and tile size match the dataset."""
-    require_diffusion(run)
+@dataclass(frozen=True)
+class Scale:
+    """A structure scale: ``um`` µm asked for, ``block_px`` px blocks of ``block_um`` µm (at the tile mpp)."""
+
+    um: float
+    block_px: int
+    block_um: float
+
+
+def check_compatible(run: Run, info: DatasetInfo, *, diffusion: bool = True) -> None:
+    """A (diffusion) run whose channels and tile size match the dataset."""
+    if diffusion:
+        require_diffusion(run)
     if info.channels != run.channels:
         raise InputError(f"dataset has {info.channels} AF channels but model {run.path.name} was trained on "
                          f"{run.channels}", info.root / "dataset.json")
@@ -137,6 +167,65 @@ def check_compatible(run: Run, info: DatasetInfo) -> None:
         raise InputError(f"dataset tiles are {info.tile_size} px but model {run.path.name} was trained on "
                          f"{run.tile_size} px tiles (calibrate on tiles of the training size)",
                          info.root / "dataset.json")
+
+
+def resolve_scales(info: DatasetInfo, scales: tuple[float, ...]) -> list[Scale]:
+    """Block sizes of the structure scales at the dataset's tile mpp (dataset.json ``mpp``)."""
+    if not scales:
+        return []
+    where = info.root / "dataset.json"
+    mpp = info.meta.get("mpp")
+    try:
+        mpp = float(mpp)
+    except (TypeError, ValueError):
+        raise InputError("records no tile scale (mpp, µm/px), which --scale needs; re-tile with a known mpp",
+                         where) from None
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise InputError(f"corrupt dataset.json (mpp {mpp} is not a positive µm/px)", where)
+    out: list[Scale] = []
+    for um in scales:
+        px = int(round(um / mpp))
+        if px < 1:
+            raise InputError(f"--scale {um:g} µm is below one pixel at the tiles' {mpp:g} µm/px", where)
+        if px > info.tile_size:
+            raise InputError(f"--scale {um:g} µm is {px} px at {mpp:g} µm/px, larger than the "
+                             f"{info.tile_size} px tiles", where)
+        same = [s for s in out if s.block_px == px]
+        if same:
+            raise InputError(f"--scale {same[0].um:g} and {um:g} µm are both {px} px blocks at {mpp:g} µm/px",
+                             where)
+        out.append(Scale(float(um), px, px * mpp))
+    return out
+
+
+def chosen_keys(info: DatasetInfo, split: str, n: int) -> list[tuple[str, int]]:
+    """The ``n`` patch keys of ``split`` that calibration uses: evenly spread, deterministic."""
+    keys = info.patch_keys(split)
+    return [keys[i] for i in spread_indices(len(keys), n)]
+
+
+def split_slides(info: DatasetInfo, split: str, keys: list[tuple[str, int]]) -> dict[str, Any]:
+    """Slides (with their tile counts) and slide grades (labels) of the tiles used from ``split``."""
+    counts: dict[str, int] = {}
+    for sid, _ in keys:
+        counts[sid] = counts.get(sid, 0) + 1
+    return {"split": split, "slides": counts, "grades": sorted({info.slides[s].label for s in counts})}
+
+
+def coverage_warning(used: dict[str, Any], dataset_grades: list[int]) -> str | None:
+    """One line when the calibration tiles come from fewer than 4 slides or miss a grade of the dataset."""
+    n_slides, grades = len(used["slides"]), used["grades"]
+    missing = sorted(set(dataset_grades) - set(grades))
+    if n_slides >= MIN_CALIBRATION_SLIDES and not missing:
+        return None
+    why = []
+    if n_slides < MIN_CALIBRATION_SLIDES:
+        why.append(f"{n_slides} slide{'s' * (n_slides != 1)} (at least {MIN_CALIBRATION_SLIDES} wanted)")
+    if missing:
+        why.append(f"no slide of grade{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} (the dataset "
+                   f"has {', '.join(map(str, dataset_grades))})")
+    return (f"the {used['split']!r} split gives calibration tiles from {' and '.join(why)}: lambda may not hold "
+            "on the missing kinds of tissue; assign more slides of every grade to it (pairs.csv's split column)")
 
 
 def _batches(info: DatasetInfo, keys: list[tuple[str, int]], batch_size: int
@@ -153,26 +242,28 @@ def _batches(info: DatasetInfo, keys: list[tuple[str, int]], batch_size: int
         yield np.stack(af), np.stack(he)
 
 
-def sample_intervals(run: Run, info: DatasetInfo, split: str, options: CalibrateOptions, phase: int,
-                     progress: Progress) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per batch of the split's chosen tiles: (target, lower, upper, median) in [-1, 1].
+def sample_batches(run: Run, info: DatasetInfo, keys: list[tuple[str, int]], options: CalibrateOptions, phase: int,
+                   progress: Progress, label: str, baseline: Run | None = None
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Per batch of ``keys``: (target, draws (samples, B, 3, S, S), baseline output or None), in [-1, 1].
 
-    Quantiles over ``samples`` draws per tile (Sridhar et al. 2023: 5th/95th of 20).
+    Sample k of batch b draws its noise from a CPU generator seeded by
+    (seed, phase, b, k): the same numbers on any device.
     """
-    keys = info.patch_keys(split)
-    chosen = [keys[i] for i in spread_indices(len(keys), options.n)]
-    progress.start(split, f"{split}: {len(chosen)} tiles x {options.samples} samples", len(chosen) * options.samples)
-    for b, (af, he) in enumerate(_batches(info, chosen, options.batch_size)):
+    progress.start(label, f"{label}: {len(keys)} tiles x {options.samples} samples", len(keys) * options.samples)
+    for b, (af, he) in enumerate(_batches(info, keys, options.batch_size)):
         x = torch.from_numpy(run.normalize(af))
         draws = np.empty((options.samples, len(af), 3, *af.shape[-2:]), np.float32)
         for k in range(options.samples):
             g = seeding.torch_generator(seeding.derive_seed(options.seed, seeding.CALIBRATE, phase, b, k))  # CPU
             draws[k] = run.translate(x, sampler=options.sampler, steps=options.steps, eta=options.eta,
                                      generator=g).float().cpu().numpy()
-            progress.advance(split, len(af))
-        lo, hi, med, _ = sample_quantiles(draws, options.q_low, options.q_high)
-        yield he_to_unit(he), lo, hi, med
-    progress.finish(split)
+            progress.advance(label, len(af))
+        point = None
+        if baseline is not None:
+            point = baseline.translate(torch.from_numpy(baseline.normalize(af))).float().cpu().numpy()
+        yield he_to_unit(he), draws, point
+    progress.finish(label)
 
 
 def _merge_reports(parts: list[dict[str, float]]) -> dict[str, float]:
@@ -201,6 +292,93 @@ def _risk_curve(risks: np.ndarray, lambdas: np.ndarray, points: int = 201) -> di
     return {"lam": [float(v) for v in lambdas[idx]], "risk": [float(v) for v in mean[idx]]}
 
 
+def _cal_record(cal: Calibration) -> dict[str, Any]:
+    """A Calibration's fields without the file's format tags (``Calibration.from_dict`` reads it back)."""
+    return {k: v for k, v in cal.to_dict().items() if k not in ("format", "format_version")}
+
+
+class _Level:
+    """Risk tables of one block size (1 px: per pixel) on one split: the sample forms and the bands."""
+
+    def __init__(self, block_px: int, forms: tuple[str, ...], options: CalibrateOptions, bands: tuple[str, ...]):
+        self.block_px = block_px
+        self.samples = {f: RiskTable(IntervalSource("samples", f, options.q_low, options.q_high,
+                                                    options.lambda_max)) for f in forms}
+        self.bands = {b: RiskTable(IntervalSource("band")) for b in bands}
+        self.parts: dict[str, list[dict[str, float]]] = {f: [] for f in forms}  # held-out reports
+
+    def add(self, target: np.ndarray, draws: np.ndarray, point: np.ndarray | None,
+            cals: dict[str, Calibration] | None = None, alpha: float = 0.1) -> None:
+        """One batch: its block means, their quantile interval, risks of every form and band.
+
+        With ``cals`` (the held-out pass), each form's coverage at its calibrated lambda is kept too.
+        """
+        t, d = block_means(target, self.block_px), block_means(draws, self.block_px)
+        src = next(iter(self.samples.values())).source
+        lo, hi, med, mean = sample_quantiles(d, src.q_low, src.q_high)
+        for f, table in self.samples.items():
+            table.add_base(t, lo, hi, med)
+            if cals is not None and f in cals:
+                self.parts[f].append(coverage_report(t, lo, hi, med, cals[f].lam, alpha, f))
+        if "sample_mean" in self.bands:
+            self.bands["sample_mean"].add(t, mean)
+        if point is not None and "baseline_run" in self.bands:
+            self.bands["baseline_run"].add(t, block_means(point, self.block_px))
+
+
+def _calibrate_level(level: _Level, options: CalibrateOptions, hint: str, unit: str
+                     ) -> dict[str, Calibration | str]:
+    """RCPS of every table of a level: name -> Calibration, or the error line when no lambda works."""
+    out: dict[str, Calibration | str] = {}
+    for name, table in [*level.samples.items(), *level.bands.items()]:
+        try:
+            extra = {"samples": options.samples} if name in FORMS else {}
+            out[name] = table.calibrate(options.alpha, options.delta, hint=hint, risk_unit=unit, **extra)
+        except InputError as e:
+            out[name] = str(e)
+    return out
+
+
+def _band_entry(name: str, cal: Calibration | str, val: RiskTable, test: RiskTable | None,
+                diffusion_test: dict[str, Any] | None) -> dict[str, Any]:
+    """The trivial band's record: c, val width, test coverage and width, and the band at the diffusion's coverage."""
+    if isinstance(cal, str):
+        return {"center": name, "error": cal}
+    entry: dict[str, Any] = {"center": name, "c": cal.lam, **_cal_record(cal),
+                             "val_mean_width_255": val.report(cal.lam, cal.alpha)["mean_width"] * UNIT_TO_255,
+                             "test_coverage": None, "matched": None, "diffusion_narrower": None}
+    if test is None or test.n == 0:
+        return entry
+    rep = test.report(cal.lam, cal.alpha)
+    rep["mean_width_255"] = rep["mean_width"] * UNIT_TO_255
+    entry["test_coverage"] = rep
+    if diffusion_test is not None:
+        c = test.lambda_for_coverage(diffusion_test["coverage"])
+        if c is not None:
+            m = test.report(c, cal.alpha)
+            entry["matched"] = {"c": c, "coverage": m["coverage"], "mean_width_255": m["mean_width"] * UNIT_TO_255}
+            entry["diffusion_narrower"] = bool(diffusion_test["mean_width_255"] < entry["matched"]["mean_width_255"])
+    return entry
+
+
+def _form_entry(cal: Calibration | str, test: dict[str, Any] | None) -> dict[str, Any]:
+    if isinstance(cal, str):
+        return {"error": cal}
+    return {"lam": cal.lam, "risk": cal.risk, "ucb": cal.ucb, "test_coverage": test}
+
+
+def _load_baseline(options: CalibrateOptions, info: DatasetInfo) -> Run | None:
+    """The ``--baseline`` run (regression or pix2pix), checked against the dataset."""
+    if options.baseline is None:
+        return None
+    run = resolve_run(bundled_path(options.baseline) or Path(options.baseline), options.device)
+    if run.kind not in BASELINE_KINDS:
+        raise InputError(f"--baseline must be a {' or '.join(BASELINE_KINDS)} run (one output per tile), "
+                         f"this is a {run.kind} run", run.path)
+    check_compatible(run, info, diffusion=False)
+    return run
+
+
 def calibrate_run(
     model: str | Path | Run,
     data: str | Path,
@@ -213,6 +391,12 @@ def calibrate_run(
     options = options or CalibrateOptions()
     options.check()
     progress = progress or NullProgress()
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        progress.warn(message)
+
     t0 = time.perf_counter()
     run_dir = model.path if isinstance(model, Run) else (bundled_path(model) or Path(model))
     out = run_dir / CALIBRATION_FILE
@@ -224,18 +408,20 @@ def calibrate_run(
     run = resolve_run(model, options.device)
     info = open_dataset(data)
     check_compatible(run, info)
+    scales = resolve_scales(info, tuple(options.scales))
+    baseline = _load_baseline(options, info)
     if not info.patch_keys(options.split):
         raise InputError(f"dataset has no tiles in the {options.split!r} split", info.root / "dataset.json")
     available = len(info.patch_keys(options.split))
     if available < options.n:
-        progress.warn(f"--n {options.n} is more than the {available} tiles of the {options.split} split: "
-                      f"calibrating on all {available}")
+        warn(f"--n {options.n} is more than the {available} tiles of the {options.split} split: "
+             f"calibrating on all {available}")
     available_test = len(info.patch_keys(options.test_split)) if options.test_split else 0
     if 0 < available_test < options.n:
-        progress.warn(f"--n {options.n} is more than the {available_test} tiles of the {options.test_split} "
-                      f"split: checking coverage on all {available_test}")
+        warn(f"--n {options.n} is more than the {available_test} tiles of the {options.test_split} "
+             f"split: checking coverage on all {available_test}")
     if options.test_split == options.split:
-        progress.warn(f"testing on the calibration split {options.split!r}: the coverage check is optimistic")
+        warn(f"testing on the calibration split {options.split!r}: the coverage check is optimistic")
     try:
         sampler, steps, eta = resolve_protocol(options.protocol, options.sampler, options.steps, options.eta)
         sampling = protocol_record(options.protocol, sampler, steps, eta, run.schedule.T)
@@ -245,44 +431,85 @@ def calibrate_run(
         raise InputError(f"--steps {sampling['steps']} exceeds the model's T = {run.schedule.T} steps", run.path)
     drawn = replace(options, sampler=sampler, steps=steps, eta=eta)
     ensure_writable_dir(run_dir)
-    lambdas = lambda_grid(options.lambda_max)
-    risks: dict[str, list[np.ndarray]] = {f: [] for f in FORMS}
-    widths = []
-    for target, lo, hi, med in sample_intervals(run, info, options.split, drawn, 0, progress):
-        for f in FORMS:  # (L, B): risk of each tile at each lambda, in each form (same draws)
-            risks[f].append(interval_risks(target, lo, hi, med, lambdas, f))
-        widths.append(clipped_width(lo, hi, MODEL_RANGE) * len(target))
-    tables = {f: np.concatenate(r, axis=1) for f, r in risks.items()}
-    table = tables[options.interval]
-    n = table.shape[1]
-    meta = dict(q_low=options.q_low, q_high=options.q_high, samples=options.samples,
-                hint=_no_lambda_hint(options, n, available))
-    cal = calibrate_lambda(table, lambdas, options.alpha, options.delta, interval=options.interval, **meta)
-    others: dict[str, Calibration | str] = {}
-    for f in FORMS:
-        if f != options.interval:
-            try:
-                others[f] = calibrate_lambda(tables[f], lambdas, options.alpha, options.delta, interval=f, **meta)
-            except InputError as e:
-                others[f] = str(e)
-    cals = {options.interval: cal, **others}
-    test = None
-    tests: dict[str, dict[str, Any]] = {}
+
+    keys = chosen_keys(info, options.split, options.n)
+    dataset_grades = sorted({e.label for e in info.slides.values()})
+    slides: dict[str, Any] = {"calibration": split_slides(info, options.split, keys), "test": None,
+                              "dataset_grades": dataset_grades, "min_slides": MIN_CALIBRATION_SLIDES}
+    line = coverage_warning(slides["calibration"], dataset_grades)
+    if line:
+        warn(line)
+    bands = BANDS if baseline is not None else BANDS[:1]
+    blocks = sorted({1, *(s.block_px for s in scales)})
+
+    def levels() -> dict[int, _Level]:  # per pixel: both forms; structure scales: the chosen form
+        return {b: _Level(b, FORMS if b == 1 else (options.interval,), options, bands) for b in blocks}
+
+    val = levels()
+    for target, draws, point in sample_batches(run, info, keys, drawn, 0, progress, options.split, baseline):
+        for level in val.values():
+            level.add(target, draws, point)
+    n = val[1].samples[options.interval].n
+    hint = _no_lambda_hint(options, n, available)
+    cals = {b: _calibrate_level(level, options, hint, "pixel-channel" if b == 1 else "block-channel")
+            for b, level in val.items()}
+    cal = cals[1][options.interval]
+    if isinstance(cal, str):
+        raise InputError(cal)
+
+    test_levels: dict[int, _Level] | None = None
     if options.test_split and info.patch_keys(options.test_split):
-        parts: dict[str, list[dict[str, float]]] = {f: [] for f in cals if isinstance(cals[f], Calibration)}
-        for target, lo, hi, med in sample_intervals(run, info, options.test_split, drawn, 1, progress):
-            for f in parts:
-                parts[f].append(coverage_report(target, lo, hi, med, cals[f].lam, options.alpha, f))
-        tests = {f: _merge_reports(p) for f, p in parts.items()}
-        test = tests[options.interval]
+        test_keys = chosen_keys(info, options.test_split, options.n)
+        slides["test"] = split_slides(info, options.test_split, test_keys)
+        test_levels = levels()
+        for target, draws, point in sample_batches(run, info, test_keys, drawn, 1, progress, options.test_split,
+                                                   baseline):
+            for b, level in test_levels.items():
+                ok = {f: c for f, c in cals[b].items() if f in FORMS and isinstance(c, Calibration)}
+                level.add(target, draws, point, ok, options.alpha)
     elif options.test_split:
-        progress.warn(f"dataset has no tiles in the {options.test_split!r} split: no held-out coverage check")
-    forms = {}
-    for f, c in cals.items():
-        forms[f] = ({"error": c} if isinstance(c, str) else
-                    {"lam": c.lam, "risk": c.risk, "ucb": c.ucb, "test_coverage": tests.get(f)})
-    val_width = sum(widths) / n * UNIT_TO_255
+        warn(f"dataset has no tiles in the {options.test_split!r} split: no held-out coverage check")
+
+    def tests_of(b: int) -> dict[str, dict[str, Any]]:
+        if test_levels is None:
+            return {}
+        return {f: _merge_reports(p) for f, p in test_levels[b].parts.items() if p}
+
+    def bands_of(b: int, form: str, diffusion_test: dict[str, Any] | None) -> dict[str, Any]:
+        entries = {}
+        for name in bands:
+            t = None if test_levels is None else test_levels[b].bands[name]
+            entries[name] = _band_entry(name, cals[b][name], val[b].bands[name], t, diffusion_test)
+        return entries
+
+    tests = tests_of(1)
+    test = tests.get(options.interval)
+    forms = {f: _form_entry(cals[1][f], tests.get(f)) for f in (options.interval, *[f for f in FORMS
+                                                                                    if f != options.interval])}
+    baselines = bands_of(1, options.interval, test)
+    if baseline is not None:
+        baselines["baseline_run"].update(model=str(baseline.path), model_kind=baseline.kind,
+                                         model_step=baseline.step)
+    scale_entries = []
+    for s in scales:
+        c = cals[s.block_px][options.interval]
+        entry: dict[str, Any] = {"scale_um": s.um, "block_px": s.block_px, "block_um": s.block_um}
+        if isinstance(c, str):
+            warn(f"--scale {s.um:g} µm: {c}")
+            entry["error"] = c
+        else:
+            st = tests_of(s.block_px).get(options.interval)
+            entry.update(_cal_record(c), val_mean_width_raw_255=val[s.block_px].samples[options.interval].raw_width
+                         * UNIT_TO_255, test_coverage=st, baselines=bands_of(s.block_px, options.interval, st))
+            if baseline is not None:
+                entry["baselines"]["baseline_run"].update(model=str(baseline.path), model_kind=baseline.kind)
+        scale_entries.append(entry)
+
+    val_width = val[1].samples[options.interval].raw_width * UNIT_TO_255
     config = {**asdict(options), "steps_effective": sampling["steps"]}
+    inputs = {"dataset.json": fingerprint(info.root / "dataset.json")}
+    if baseline is not None and (baseline.path / WEIGHTS).is_file():
+        inputs["baseline"] = fingerprint(baseline.path / WEIGHTS)
     doc = {
         **cal.to_dict(),
         "protocol": options.protocol, "sampler": sampler, "steps": steps, "steps_effective": sampling["steps"],
@@ -292,13 +519,19 @@ def calibrate_run(
         "dataset": {**info.fingerprint(), "dataset.json": fingerprint(info.root / "dataset.json")},
         "val_mean_width_raw_255": val_width,
         "width_unit": WIDTH_UNIT,
-        "risk_curve": _risk_curve(table, lambdas),
+        "risk_curve": _risk_curve(val[1].samples[options.interval].table, val[1].samples[options.interval].lambdas),
         "test_coverage": test,
         "forms": forms,
-        "provenance": record(config, {"dataset.json": fingerprint(info.root / "dataset.json")}),
+        "baselines": baselines,
+        "scales": scale_entries,
+        "slides": slides,
+        "warnings": warnings,
+        "provenance": record(config, inputs),
     }
     write_json(out, doc)
-    return CalibrateResult(out, cal, test, val_width, time.perf_counter() - t0, sampling, forms)
+    return CalibrateResult(out, cal, test, val_width, time.perf_counter() - t0, sampling, forms, baselines,
+                           scale_entries, slides, warnings)
 
 
-__all__ = ["CalibrateOptions", "CalibrateResult", "calibrate_run", "sample_intervals", "spread_indices"]
+__all__ = ["CalibrateOptions", "CalibrateResult", "Scale", "calibrate_run", "chosen_keys", "coverage_warning",
+           "resolve_scales", "sample_batches", "split_slides", "spread_indices", "BANDS", "MIN_CALIBRATION_SLIDES"]

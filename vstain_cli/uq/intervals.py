@@ -306,14 +306,15 @@ class Calibration:
     risk: float                 # empirical mean risk at lam on the calibration set
     ucb: float                  # its Hoeffding-Bentkus UCB (< alpha)
     n: int                      # calibration images
-    q_low: float = 0.05
-    q_high: float = 0.95
+    q_low: float | None = 0.05  # quantiles of the samples (None for sources that are not samples)
+    q_high: float | None = 0.95
     samples: int | None = None  # diffusion samples per input used for the quantiles
     interval: str = DEFAULT_FORM  # "multiplicative" (Conffusion, the paper's) or "centered" (im2im-uq)
     center: str = "median"
     risk_unit: str = "pixel-channel"
     grid: list[float] = field(default_factory=list)  # [min, max, count] of the lambda grid
     method: str = "rcps-hoeffding-bentkus"
+    source: str = "samples"     # SOURCES: what lambda scales (files without it: "samples")
 
     def apply(self, lower, upper, center, value_range: tuple[float, float] = MODEL_RANGE
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -335,26 +336,42 @@ class Calibration:
         meta = read_format_json(
             path, FORMAT, missing=("calibration file not found (make one with `vstain calibrate`)", path),
             corrupt="corrupt calibration file", wrong="not a vstain calibration file (format field missing)")
+        return cls.from_dict(meta, path)
+
+    @classmethod
+    def from_dict(cls, meta: dict[str, Any], path: str | Path, where: str = "") -> Calibration:
+        """Parse a calibration record (the file's top level, or one of its ``scales`` entries named ``where``).
+
+        Fields added after format version 1 are optional (``interval``: "centered";
+        ``source``: "samples"), so older files read as what they were made as.
+        """
+        bad = f"corrupt calibration file{' (' + where + ')' if where else ''}"
+
+        def opt(key: str, default: float | None) -> float | None:
+            v = meta.get(key, default)
+            return None if v is None else float(v)
+
         try:
             cal = cls(
                 lam=float(meta["lam"]), alpha=float(meta["alpha"]), delta=float(meta["delta"]),
                 risk=float(meta["risk"]), ucb=float(meta["ucb"]), n=int(meta["n"]),
-                q_low=float(meta.get("q_low", 0.05)), q_high=float(meta.get("q_high", 0.95)),
+                q_low=opt("q_low", 0.05), q_high=opt("q_high", 0.95),
                 samples=None if meta.get("samples") is None else int(meta["samples"]),
                 interval=str(meta.get("interval", "centered")),  # version 1 files were all centered
                 center=str(meta.get("center", "median")),
                 risk_unit=str(meta.get("risk_unit", "pixel-channel")),
                 grid=[float(v) for v in meta.get("grid", [])],
                 method=str(meta.get("method", "rcps-hoeffding-bentkus")),
+                source=str(meta.get("source", "samples")),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"corrupt calibration file (bad or missing field {e})", path) from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InputError(f"{bad} (bad or missing field {e})", path) from None
         if cal.interval not in FORMS:
-            raise InputError(f"corrupt calibration file (interval {cal.interval!r} is not one of "
-                             f"{', '.join(FORMS)})", path)
+            raise InputError(f"{bad} (interval {cal.interval!r} is not one of {', '.join(FORMS)})", path)
+        if cal.source not in SOURCES:
+            raise InputError(f"{bad} (source {cal.source!r} is not one of {', '.join(SOURCES)})", path)
         if not (math.isfinite(cal.lam) and cal.lam >= 0 and 0 < cal.alpha < 1 and 0 < cal.delta < 1):
-            raise InputError(f"corrupt calibration file (lam={cal.lam}, alpha={cal.alpha}, "
-                             f"delta={cal.delta} out of range)", path)
+            raise InputError(f"{bad} (lam={cal.lam}, alpha={cal.alpha}, delta={cal.delta} out of range)", path)
         return cal
 
 
@@ -424,11 +441,299 @@ def coverage_report(target, lower, upper, center, lam: float, alpha: float = 0.1
         "lam": float(lam),
     }
 
+# ----------------------------------------------------------------------------- interval sources
+
+SOURCES = ("samples", "band", "bounds")
+CENTERS = {"samples": "median", "band": "point", "bounds": "midpoint"}
+DEFAULT_FORMS = {"samples": DEFAULT_FORM, "band": "centered", "bounds": "centered"}
+BAND_STEP = 0.25     # grid step of the band's half-width c, in 0-255 grey levels
+BAND_C_MAX = 255.0   # c = 255 covers every value
+
+
+def band_grid(c_max: float = BAND_C_MAX, step: float = BAND_STEP) -> np.ndarray:
+    """The half-widths c searched for a band: 0, ``step``, ..., ``c_max`` (0-255 grey levels)."""
+    n = int(round(float(c_max) / step))
+    if n < 1:
+        raise ValueError(f"c_max must be at least {step}, got {c_max}")
+    return np.arange(n + 1) * step
+
+
+def grey_level(value_range: tuple[float, float] = MODEL_RANGE) -> float:
+    """One 0-255 grey level in the units of ``value_range`` (2 / 255 in the model's [-1, 1])."""
+    return (value_range[1] - value_range[0]) / 255.0
+
+
+def band_interval(point, value_range: tuple[float, float] = MODEL_RANGE
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The trivial band's base interval: one grey level either side of ``point``, and ``point``.
+
+    ``point`` (a regression output, or the mean of diffusion samples) is clipped
+    into ``value_range``. In the centered form, lambda = c gives [p - c, p + c]
+    with c in 0-255 grey levels: the constant band calibrated by the same RCPS.
+    """
+    a, b = value_range
+    p = np.clip(np.asarray(point, np.float64), a, b)
+    u = grey_level(value_range)
+    return p - u, p + u, p
+
+
+def bounds_interval(lower, upper) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A one-pass interval run's bounds, ordered per value, and their midpoint.
+
+    Two quantile heads can cross; sorting them per value is the rearrangement of
+    Chernozhukov, Fernandez-Val & Galichon 2010, which never worsens the quantile
+    estimates. The midpoint is the centre the centered form scales around.
+    """
+    lo, hi = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+    if lo.shape != hi.shape:
+        raise ValueError(f"lower and upper bounds differ in shape: {lo.shape} vs {hi.shape}")
+    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    return lo, hi, 0.5 * (lo + hi)
+
+
+@dataclass(frozen=True)
+class IntervalSource:
+    """Where the interval that lambda scales comes from, and how lambda scales it.
+
+    * ``samples``: N diffusion samples (N, ...) -> per-value ``q_low``/``q_high``
+      quantiles, scaled in ``form`` around the median (Sridhar et al. 2023);
+    * ``band``: a point prediction -> [p - c, p + c], c = lambda in 0-255 grey
+      levels (centered form only): the trivial constant band;
+    * ``bounds``: a one-pass interval run's (lower, upper) -> scaled in ``form``
+      around the midpoint (default centered: width x lambda, the run's width map
+      keeps its shape; multiplicative as in Conffusion, Horwitz & Hoshen 2022).
+
+    All three are calibrated by the same RCPS with the Hoeffding-Bentkus bound.
+    ``form`` None: the kind's default; ``lambda_max`` None: 255 for bands, 10 otherwise.
+    """
+
+    kind: str = "samples"
+    form: str | None = None
+    q_low: float = 0.05
+    q_high: float = 0.95
+    lambda_max: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCES:
+            raise ValueError(f"unknown interval source {self.kind!r} (choose from {', '.join(SOURCES)})")
+        object.__setattr__(self, "form", check_form(self.form or DEFAULT_FORMS[self.kind]))
+        if self.kind == "band" and self.form != "centered":
+            raise ValueError("a band [p - c, p + c] is additive: its form is 'centered'")
+
+    @classmethod
+    def of(cls, cal: Calibration) -> IntervalSource:
+        """The source a calibration was made with."""
+        return cls(cal.source, cal.interval, cal.q_low or 0.05, cal.q_high or 0.95)
+
+    @property
+    def center(self) -> str:
+        """What the interval is scaled around: "median", "point" or "midpoint"."""
+        return CENTERS[self.kind]
+
+    def lambdas(self) -> np.ndarray:
+        """The grid RCPS searches for this source."""
+        if self.kind == "band":
+            return band_grid(self.lambda_max or BAND_C_MAX)
+        return lambda_grid(self.lambda_max or DEFAULT_LAMBDA_MAX)
+
+    def base(self, data, value_range: tuple[float, float] = MODEL_RANGE
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lower, upper, center) at lambda = 1 from the source's data: samples (N, ...), a point (...),
+        or a (lower, upper) pair."""
+        if self.kind == "samples":
+            return sample_quantiles(data, self.q_low, self.q_high)[:3]
+        if self.kind == "band":
+            return band_interval(data, value_range)
+        lower, upper = data
+        return bounds_interval(lower, upper)
+
+    def record(self) -> dict[str, Any]:
+        """What a Calibration of this source records about it."""
+        quantiles = self.kind == "samples"
+        return {"source": self.kind, "interval": self.form, "center": self.center,
+                "q_low": self.q_low if quantiles else None, "q_high": self.q_high if quantiles else None}
+
+
+def source_interval(cal: Calibration, data, value_range: tuple[float, float] = MODEL_RANGE
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The calibrated (lower, upper) from a source's data (samples, point, or (lower, upper) of an interval run)."""
+    lo, hi, c = IntervalSource.of(cal).base(data, value_range)
+    return cal.apply(lo, hi, c, value_range)
+
+
+def band_width_curve(point, c, value_range: tuple[float, float] = MODEL_RANGE) -> np.ndarray:
+    """Mean width of [p - c, p + c] clipped to ``value_range`` at every half-width ``c`` (array units).
+
+    Per value the clipped width is min(c, p - a) + min(c, b - p); with the 2M
+    distances d sorted, sum_d min(c, d) = (sum of d <= c) + c * #(d > c): one sort,
+    then a binary search per c.
+    """
+    a, b = value_range
+    p = np.clip(np.asarray(point, np.float64), a, b).ravel()
+    d = np.sort(np.concatenate([p - a, b - p]))
+    cs = np.concatenate([[0.0], np.cumsum(d)])
+    c = np.asarray(c, np.float64)
+    k = np.searchsorted(d, c, side="right")
+    return (cs[k] + c * (d.size - k)) / p.size
+
+
+# ----------------------------------------------------------------------------- structure scale
+
+
+def block_means(x, block: int) -> np.ndarray:
+    """Means over non-overlapping ``block`` x ``block`` pixel blocks: (..., H, W) -> (..., H // block, W // block).
+
+    Rows and columns past the last whole block (bottom, right) are dropped, so
+    every block mean averages exactly ``block**2`` pixels. float32.
+    """
+    x = np.asarray(x)
+    block = int(block)
+    if block < 1:
+        raise ValueError(f"block must be at least 1 px, got {block}")
+    if block == 1:
+        return x.astype(np.float32, copy=False)
+    h, w = x.shape[-2] // block, x.shape[-1] // block
+    if h == 0 or w == 0:
+        raise ValueError(f"{block} px blocks do not fit in {x.shape[-2]} x {x.shape[-1]} px")
+    x = x[..., :h * block, :w * block].reshape(*x.shape[:-2], h, block, w, block)
+    return x.mean(axis=(-3, -1), dtype=np.float64).astype(np.float32)
+
+
+def scale_interval(block_samples, cal: Calibration, value_range: tuple[float, float] = MODEL_RANGE
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated interval of block means at one structure scale.
+
+    ``block_samples`` (N, ..., 3, h, w): the block means (``block_means``) of N
+    diffusion samples at the scale's block size; ``cal``: that scale's calibration
+    (``CalibrationFile.scale``). Returns (lower, upper) of the block means, float32,
+    in ``value_range`` (pass (0, 255) for 0-255 block means).
+    """
+    if cal.source != "samples":
+        raise ValueError(f"a scale calibration of source {cal.source!r} does not apply to samples")
+    lo, hi = source_interval(cal, block_samples, value_range)
+    return lo.astype(np.float32), hi.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- generic calibration
+
+
+class RiskTable:
+    """Per-image risk curves of one interval source on its lambda grid, filled batch by batch.
+
+    ``add`` takes a batch's targets (n, C, H, W) and the source's data; ``calibrate``
+    runs RCPS on the whole table (``calibrate_lambda``). For bands the exact mean
+    clipped width at every c is kept too, so ``report`` gives a held-out check
+    (coverage and width at any c of the grid) without a second pass.
+    """
+
+    def __init__(self, source: IntervalSource, value_range: tuple[float, float] = MODEL_RANGE):
+        self.source = source
+        self.value_range = value_range
+        self.lambdas = source.lambdas()
+        self._risks: list[np.ndarray] = []
+        self._widths: list[np.ndarray] = []
+        self._raw_width = 0.0
+
+    def add(self, target, data) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Add a batch from the source's data; returns its base (lower, upper, center)."""
+        lo, hi, c = self.source.base(data, self.value_range)
+        self.add_base(target, lo, hi, c)
+        return lo, hi, c
+
+    def add_base(self, target, lower, upper, center) -> None:
+        """Add a batch whose base interval (lambda = 1) is already computed."""
+        target = np.asarray(target)
+        self._risks.append(interval_risks(target, lower, upper, center, self.lambdas, self.source.form,
+                                          self.value_range))
+        self._raw_width += clipped_width(lower, upper, self.value_range) * len(target)
+        if self.source.kind == "band":
+            c = self.lambdas * grey_level(self.value_range)
+            self._widths.append(np.stack([band_width_curve(center[i], c, self.value_range)
+                                          for i in range(len(target))], axis=1))
+
+    @property
+    def n(self) -> int:
+        return sum(r.shape[1] for r in self._risks)
+
+    @property
+    def table(self) -> np.ndarray:
+        """(len(lambdas), n) per-image risks."""
+        if not self._risks:
+            return np.zeros((self.lambdas.size, 0))
+        return np.concatenate(self._risks, axis=1)
+
+    @property
+    def raw_width(self) -> float:
+        """Mean clipped width of the base interval (lambda = 1), array units."""
+        return self._raw_width / max(self.n, 1)
+
+    def calibrate(self, alpha: float = 0.1, delta: float = 0.1, *, hint: str | None = None,
+                  **meta: Any) -> Calibration:
+        """RCPS lambda of the table (``calibrate_lambda``); ``meta`` adds to the source's record."""
+        return calibrate_lambda(self.table, self.lambdas, alpha, delta, hint=hint,
+                                **{**self.source.record(), **meta})
+
+    def _index(self, lam: float) -> int:
+        k = int(np.argmin(np.abs(self.lambdas - lam)))
+        if abs(self.lambdas[k] - lam) > 1e-9:
+            raise ValueError(f"lambda {lam} is not on the grid")
+        return k
+
+    def report(self, lam: float, alpha: float = 0.1) -> dict[str, Any]:
+        """Coverage, risk, images within alpha and (bands) mean clipped width at ``lam`` of the grid."""
+        k = self._index(lam)
+        r = self.table[k]
+        width = float(np.concatenate(self._widths, axis=1)[k].mean()) if self._widths else None
+        return {"coverage": float(1.0 - r.mean()), "risk": float(r.mean()),
+                "images_within_alpha": float(np.mean(r <= alpha)), "mean_width": width,
+                "n": int(r.size), "lam": float(self.lambdas[k])}
+
+    def lambda_for_coverage(self, target_coverage: float) -> float | None:
+        """Smallest lambda of the grid whose mean coverage on the table is >= ``target_coverage``."""
+        ok = np.flatnonzero(1.0 - self.table.mean(axis=1) >= target_coverage - 1e-12)
+        return None if ok.size == 0 else float(self.lambdas[ok.min()])
+
+
+def calibrate_intervals(lower, upper, target, *, form: str = "centered", alpha: float = 0.1, delta: float = 0.1,
+                        lambda_max: float = DEFAULT_LAMBDA_MAX, value_range: tuple[float, float] = MODEL_RANGE,
+                        hint: str | None = None, **meta: Any) -> Calibration:
+    """RCPS calibration of a one-pass interval run's bounds (n, C, H, W) against ``target``.
+
+    lambda scales [lower, upper] around its midpoint (``form="centered"``:
+    [m - lambda (m - l), m + lambda (u - m)], the width times lambda) or
+    multiplicatively (Conffusion's [l / lambda, u lambda] on [0, 1]); the same
+    Hoeffding-Bentkus RCPS as for samples (Bates et al. 2021).
+    """
+    table = RiskTable(IntervalSource("bounds", form, lambda_max=lambda_max), value_range)
+    table.add(target, (lower, upper))
+    return table.calibrate(alpha, delta, hint=hint, **meta)
+
+
+def calibrate_band(point, target, *, alpha: float = 0.1, delta: float = 0.1, c_max: float = BAND_C_MAX,
+                   value_range: tuple[float, float] = MODEL_RANGE, **meta: Any) -> Calibration:
+    """The trivial constant band [p - c, p + c] around a point prediction, c (0-255 levels) by the same RCPS."""
+    table = RiskTable(IntervalSource("band", lambda_max=c_max), value_range)
+    table.add(target, point)
+    return table.calibrate(alpha, delta, **meta)
+
+
+def calibrate_samples(samples, target, *, form: str = DEFAULT_FORM, q_low: float = 0.05, q_high: float = 0.95,
+                      alpha: float = 0.1, delta: float = 0.1, lambda_max: float = DEFAULT_LAMBDA_MAX, block: int = 1,
+                      value_range: tuple[float, float] = MODEL_RANGE, **meta: Any) -> Calibration:
+    """lambda of the quantile interval of N samples (N, n, C, H, W), per value or of ``block`` px block means."""
+    samples, target = np.asarray(samples), np.asarray(target)
+    table = RiskTable(IntervalSource("samples", form, q_low, q_high, lambda_max), value_range)
+    table.add(block_means(target, block), block_means(samples, block))
+    unit = "pixel-channel" if block == 1 else "block-channel"
+    return table.calibrate(alpha, delta, samples=samples.shape[0], risk_unit=unit, **meta)
+
 
 __all__ = [
     "FORMS", "DEFAULT_FORM", "check_form", "multiplicative_interval", "calibrated_interval",
     "sample_quantiles", "scaled_interval", "IntervalMaps", "credible_interval", "pixel_risk",
     "coverage", "required_lambda", "image_risk_curve", "interval_risks", "hb_pvalue", "hb_ucb",
     "Calibration", "calibrate_lambda", "coverage_report", "DEFAULT_LAMBDAS", "DEFAULT_LAMBDA_MAX", "lambda_grid",
-    "clipped_width",
+    "clipped_width", "SOURCES", "IntervalSource", "RiskTable", "band_grid", "band_interval", "bounds_interval",
+    "band_width_curve", "source_interval", "block_means", "scale_interval", "calibrate_intervals", "calibrate_band",
+    "calibrate_samples", "grey_level",
 ]
