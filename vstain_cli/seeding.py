@@ -23,6 +23,7 @@ VALIDATION = 10**9                                   # train: fixed noise for va
 CALIBRATE = 0x63616C                                 # calibrate: (phase, batch, sample)
 SCORE_SAMPLES = 0x756E63                             # score: uncertainty-panel samples
 SCORE_TILES = 0x736374                               # score: sampled model tiles per batch
+SCORE_NOISE = 0x6E6F69                               # score: the noise check's N(0, 16) added to tiles
 
 
 SAMPLE_STRIDE = 1_000_003  # whole-slide sample k of an uncertainty map uses noise seed seed + SAMPLE_STRIDE k

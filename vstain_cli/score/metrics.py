@@ -262,6 +262,163 @@ def bootstrap_ci(
     return mean, float(lo), float(hi)
 
 
+# ---------------------------------------------------------------- slide-level (cluster) bootstrap
+#
+# Tiles of one slide share its tissue, stain batch and grade: they are not independent draws,
+# so resampling tiles gives intervals as if the slide count were the tile count. The cluster
+# bootstrap (Davison & Hinkley 1997, sec. 3.8; Field & Welsh 2007) resamples whole slides with
+# replacement and keeps every tile of each drawn slide. Definitions: docs/metrics.md.
+
+
+def cluster_codes(groups: np.ndarray | list) -> tuple[np.ndarray, int]:
+    """(code per tile in 0..S-1, S) for the group (slide id) of each tile, codes in sorted-id order."""
+    _, codes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    codes = codes.ravel()
+    return codes, int(codes.max()) + 1 if codes.size else 0
+
+
+def cluster_weights(n_clusters: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    """How often each of S slides is drawn in each resample: int (n_boot, S), rows summing to S.
+
+    Depends only on (S, n_boot, seed), so every model and metric scored with one
+    seed sees the same slide draws.
+    """
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_clusters, (n_boot, n_clusters))
+    w = np.zeros((n_boot, n_clusters), np.int64)
+    np.add.at(w, (np.repeat(np.arange(n_boot), n_clusters), draws.ravel()), 1)
+    return w
+
+
+def cluster_means(values: np.ndarray, codes: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mean over all tiles of the drawn slides, per resample: (W @ slide sums) / (W @ slide sizes)."""
+    v = np.asarray(values, np.float64).ravel()
+    s = weights.shape[1]
+    sums = np.bincount(codes, weights=v, minlength=s)  # inf/nan propagate, as in bootstrap_ci
+    sizes = np.bincount(codes, minlength=s).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (weights @ sums) / (weights @ sizes)
+
+
+def small_sample_factor(n_clusters: int) -> float:
+    """sqrt(S / (S - 1)): the bootstrap variance of a mean of S units is (S - 1) / S of the usual one."""
+    return float(np.sqrt(n_clusters / (n_clusters - 1))) if n_clusters > 1 else float("nan")
+
+
+def cluster_interval(estimate: float, boot: np.ndarray, n_clusters: int, level: float = 0.95,
+                     basic: bool = False) -> tuple[float, float]:
+    """95 % interval from slide resamples ``boot`` of a statistic, widened by ``small_sample_factor``.
+
+    ``basic=False``: percentile interval, estimate + c (q - estimate). ``basic=True``
+    (Fréchet distances): deviations from the resamples' own mean, flipped,
+    [est - c q_hi, est - c q_lo], so the upward bias of resamples with repeated
+    slides (fewer distinct tiles) does not shift the interval (see ``fd_interval``).
+    Fewer than 2 slides: (nan, nan), no interval can be had.
+    """
+    if n_clusters < 2:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    b = np.asarray(boot, np.float64)
+    c = small_sample_factor(n_clusters)
+    with np.errstate(invalid="ignore"):
+        if basic:
+            fin = b[np.isfinite(b)]
+            if fin.size < 2:
+                return float("nan"), float("nan")
+            q_lo, q_hi = np.quantile(fin - fin.mean(), [a, 1 - a])
+            return max(estimate - c * float(q_hi), 0.0), estimate - c * float(q_lo)
+        q_lo, q_hi = np.quantile(b, [a, 1 - a])
+    if not np.isfinite(estimate):
+        return float(q_lo), float(q_hi)
+    return estimate + c * (float(q_lo) - estimate), estimate + c * (float(q_hi) - estimate)
+
+
+def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray | list, n_boot: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lower, upper): slide-level (cluster) bootstrap interval of the mean over tiles.
+
+    ``groups`` holds the slide id of each value. Each resample draws S slide ids with
+    replacement and averages every tile of the drawn slides (a slide drawn twice
+    counts twice). Percentile interval widened by sqrt(S / (S - 1)); (mean, nan, nan)
+    with fewer than 2 slides.
+    """
+    v = np.asarray(values, np.float64).ravel()
+    if v.size == 0:
+        raise ValueError("no values to bootstrap")
+    codes, s = cluster_codes(groups)
+    if len(codes) != v.size:
+        raise ValueError(f"{len(codes)} slide ids for {v.size} values")
+    mean = float(v.mean())
+    boot = cluster_means(v, codes, cluster_weights(s, n_boot, seed))
+    return (mean, *cluster_interval(mean, boot, s, level))
+
+
+def cluster_rows(codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Row indices of every tile of each drawn slide, slide ``c`` repeated ``counts[c]`` times."""
+    order = np.argsort(codes, kind="stable")
+    starts = np.searchsorted(codes[order], np.arange(len(counts) + 1))
+    return np.concatenate([np.tile(order[starts[c]:starts[c + 1]], int(k)) for c, k in enumerate(counts) if k]
+                          or [np.zeros(0, np.int64)])
+
+
+def fd_cluster_interval(
+    f1: np.ndarray,
+    f2: np.ndarray,
+    groups1: np.ndarray | list,
+    groups2: np.ndarray | list | None = None,
+    n_boot: int = 100,
+    seed: int = 0,
+    level: float = 0.95,
+    device: str | None = None,
+    callback: Callable[[], None] | None = None,
+) -> tuple[float, float]:
+    """Slide-level interval of the FD between feature sets f1 (real) and f2 (fake).
+
+    Each resample draws S slide ids with replacement (``cluster_weights``) and
+    recomputes the FD on the pooled features of all tiles of the drawn slides, in
+    both sets (``groups2``: slide ids of f2's rows, default ``groups1`` for paired
+    sets). Interval: ``cluster_interval(basic=True)``, i.e. centred on the
+    resamples' mean and flipped, widened by sqrt(S / (S - 1)), lower end clipped at
+    0. ``device`` (e.g. "cuda") computes each FD in torch float64 there.
+    """
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    g1 = np.asarray(groups1, dtype=object).astype(str)
+    g2 = g1 if groups2 is None else np.asarray(groups2, dtype=object).astype(str)
+    if len(g1) != len(f1) or len(g2) != len(f2):
+        raise ValueError(f"slide ids for {len(g1)} and {len(g2)} rows, features have {len(f1)} and {len(f2)}")
+    ids = np.unique(np.concatenate([g1, g2]))
+    c1, c2 = np.searchsorted(ids, g1), np.searchsorted(ids, g2)
+    s = len(ids)
+    est = fd_value(f1, f2)
+    if s < 2:
+        return float("nan"), float("nan")
+    w = cluster_weights(s, n_boot, seed)
+    if device is not None:
+        import torch
+
+        t1, t2 = (torch.as_tensor(f, dtype=torch.float64, device=device) for f in (f1, f2))
+    vals = np.full(n_boot, np.nan)
+    for b in range(n_boot):
+        i1, i2 = cluster_rows(c1, w[b]), cluster_rows(c2, w[b])
+        if min(len(i1), len(i2)) >= 2:
+            if device is None:
+                vals[b] = fd_value(f1[i1], f2[i2])
+            else:
+                j1, j2 = (torch.as_tensor(i, device=device) for i in (i1, i2))
+                vals[b] = _fd_value_torch(t1[j1], t2[j2])
+        if callback is not None:
+            callback()
+    return cluster_interval(est, vals, s, level, basic=True)
+
+
+def paired_feature_distance(f_real: np.ndarray, f_fake: np.ndarray) -> np.ndarray:
+    """PFD per tile: Euclidean distance between a generated tile's features and its real pair's (N,)."""
+    a, b = np.asarray(f_real, np.float64), np.asarray(f_fake, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired features need one shape, got {a.shape} and {b.shape}")
+    return np.sqrt(((a - b) ** 2).sum(axis=1))
+
+
 def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.ndim != 4 or a.shape[1] != 3:
