@@ -91,25 +91,25 @@ def test_train_into_a_log_writes_progress_lines(tiny_dataset, tmp_path):
            "--out", str(out), "--device", "cpu", "--steps", "16"]
     r = subprocess.run(cmd, cwd=tmp_path, env=_train_env("0.2"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    lines = r.stderr.splitlines()  # progress goes to stderr, results to stdout
     ticks = [ln for ln in lines if re.match(r"\d\d:\d\d:\d\d training micro-diffusion: \d+/16 ", ln)]
-    assert len(ticks) >= 3, r.stdout
-    assert any(" loss " in ln and " lr " in ln and " eta " in ln and "/s" in ln for ln in ticks), r.stdout
-    assert any("[validation]" in ln for ln in ticks) and any("[sample grid]" in ln for ln in ticks), r.stdout
-    assert any("done 16/16" in ln for ln in lines), r.stdout
-    assert any(str(out) in ln for ln in lines), r.stdout  # long paths stay on one line
-    assert "starting at step 0" in r.stdout
+    assert len(ticks) >= 3, r.stderr
+    assert any(" loss " in ln and " lr " in ln and " eta " in ln and "/s" in ln for ln in ticks), r.stderr
+    assert any("[validation]" in ln for ln in ticks) and any("[sample grid]" in ln for ln in ticks), r.stderr
+    assert any("done 16/16" in ln for ln in lines), r.stderr
+    assert any(str(out) in ln for ln in lines + r.stdout.splitlines()), r.stdout  # long paths stay on one line
+    assert "starting at step 0" in r.stderr
 
     r = subprocess.run([*cmd[:-1], "20", "--log-json"], cwd=tmp_path, env=_train_env("0.2"), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    events = [json.loads(ln) for ln in r.stdout.splitlines()]  # stdout is JSON only
+    events = [json.loads(ln) for ln in r.stderr.splitlines()]  # stderr is JSON only
     kinds = {e["event"] for e in events}
     assert {"info", "start", "finish"} <= kinds, kinds
     fin = next(e for e in events if e["event"] == "finish")
     assert fin["task"] == "train" and fin["done"] == fin["total"] == 4 and "loss" in fin and "lr" in fin
     assert any("resumed at step 16" in e.get("message", "") for e in events)
-    assert "trained to step 20" in r.stderr
+    assert "trained to step 20" in r.stdout
 
     r = subprocess.run([*cmd[:-1], "22", "--quiet"], cwd=tmp_path, env=_train_env("0.01"), capture_output=True,
                        text=True, timeout=120)
@@ -124,10 +124,10 @@ def test_demo_into_a_log_shows_progress_at_a_steady_interval(tmp_path):
            "--device", "cpu"]
     r = subprocess.run(cmd, cwd=tmp_path, env=_train_env("5"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    stamps = [ln[:8] for ln in r.stdout.splitlines() if re.match(r"\d\d:\d\d:\d\d ", ln)]
+    stamps = [ln[:8] for ln in r.stderr.splitlines() if re.match(r"\d\d:\d\d:\d\d ", ln)]
     secs = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in (t.split(":") for t in stamps)]
     gaps = [(b - a) % 86400 for a, b in zip(secs, secs[1:])]
     assert len(secs) > 20 and max(gaps) <= 15, (max(gaps), r.stdout)  # interval 5 s: a line at least every ~5 s
     for stage in ("synth", "tile", "train diffusion", "calibrate", "stain diffusion", "uncertainty", "score"):
-        assert f"== {stage}:" in r.stdout, stage
+        assert f"== {stage}:" in r.stderr, stage
     assert "regressi…" not in r.stdout  # tables are not cut in a log

@@ -68,7 +68,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes_there(tiny_d
     r = subprocess.run(_cmd(preset, tiny_dataset, out, k + 1), cwd=tmp_path, env=_env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert f"resumed at step {k}" in r.stdout and f"trained to step {k + 1}" in r.stdout, r.stdout
+    assert f"resumed at step {k}" in r.stderr and f"trained to step {k + 1}" in r.stdout, r.stdout
     assert [m["step"] for m in read_metrics(out) if m["split"] == "train"] == list(range(1, k + 2))
 
 

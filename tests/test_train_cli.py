@@ -126,7 +126,7 @@ def test_kill_9_then_resume_continues_from_checkpoint(tiny_dataset, tmp_path):
     assert max(r["step"] for r in read_metrics(out)) >= k
     r = _vstain(*args, "--steps", str(k + 2), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert f"resumed at step {k}" in r.stdout and f"trained to step {k + 2}" in r.stdout
+    assert f"resumed at step {k}" in r.stderr and f"trained to step {k + 2}" in r.stdout
     steps = [m["step"] for m in read_metrics(out) if m["split"] == "train"]
     assert steps == list(range(1, k + 3))  # lost lines dropped, no duplicates
     assert torch.load(out / "state.pt", weights_only=True)["step"] == k + 2

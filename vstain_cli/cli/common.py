@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 import typer.core
@@ -52,25 +52,7 @@ def _is_tty(stream: Any) -> bool:
 
 
 class _Console(Console):
-    """A console that, writing into a file or pipe, is wide enough not to wrap or cut tables.
-
-    ``results=True`` (the stdout console): with --log-json stdout carries only JSON
-    events, so results go to stderr.
-    """
-
-    def __init__(self, *args: Any, results: bool = False, **kwargs: Any) -> None:
-        self._results = results
-        super().__init__(*args, **kwargs)
-
-    @property  # type: ignore[override]
-    def file(self) -> Any:
-        if getattr(self, "_results", False) and FLAGS["log_json"]:
-            return sys.stderr
-        return Console.file.fget(self)  # type: ignore[attr-defined]
-
-    @file.setter
-    def file(self, value: Any) -> None:
-        Console.file.fset(self, value)  # type: ignore[attr-defined]
+    """A console that, writing into a file or pipe, is wide enough not to wrap or cut tables."""
 
     @property  # type: ignore[override]
     def size(self) -> Any:
@@ -84,8 +66,10 @@ class _Console(Console):
         Console.size.fset(self, value)  # type: ignore[attr-defined]
 
 
+# One convention: stdout carries a command's results only (tables, JSON asked for); progress,
+# messages ("wrote ..."), warnings and errors go to stderr, as plain lines, rich bars or JSON.
 console = _Console(stderr=True, soft_wrap=True)
-out = _Console(soft_wrap=True, results=True)
+out = _Console(soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -123,7 +107,7 @@ def _global_params() -> list[Any]:
         quiet: bool = typer.Option(False, "--quiet", "-q", expose_value=False, callback=_flag_setter("quiet"),
                                    help="No progress output (warnings, errors and the result still print)."),
         log_json: bool = typer.Option(False, "--log-json", expose_value=False, callback=_flag_setter("log_json"),
-                                      help="Progress as one JSON object per line on stdout (for dashboards)."),
+                                      help="Progress as one JSON object per line on stderr (for dashboards)."),
     ) -> None:
         pass
 
@@ -304,14 +288,14 @@ def progress_mode() -> str:
         return "quiet"
     if FLAGS["log_json"]:
         return "json"
-    if os.environ.get("VSTAIN_PROGRESS") == "1" or (_is_tty(sys.stdout) and _is_tty(sys.stderr)):
+    if os.environ.get("VSTAIN_PROGRESS") == "1" or _is_tty(sys.stderr):
         return "rich"
     return "log"
 
 
 def log_stream() -> Any:
-    """Where plain progress lines go: stdout when it is a file or pipe, else stderr."""
-    return sys.stdout if not _is_tty(sys.stdout) else sys.stderr
+    """Where progress lines and JSON events go: stderr (stdout is for results)."""
+    return sys.stderr
 
 
 def stage_line(name: str, detail: str) -> None:
@@ -336,9 +320,10 @@ def _write_line(line: str) -> None:
 
 
 def _emit_json(event: dict[str, Any]) -> None:
+    stream = log_stream()
     with _write_lock:
-        sys.stdout.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
-        sys.stdout.flush()
+        stream.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+        stream.flush()
 
 
 def _clock(seconds: float) -> str:
@@ -492,8 +477,9 @@ class LogProgress:
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
-        if self.json:
+        if self.json:  # stderr stays one JSON object per line
             _emit_json({"event": "warning", "message": message})
+            return
         console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
@@ -651,3 +637,58 @@ def protocol_option() -> Any:
 
     choices = "; ".join(f"{name}: {text}" for name, text in PROTOCOLS.items())
     return typer.Option("fast", "--protocol", metavar="NAME", help=f"Sampling protocol ({choices}).")
+
+
+# ----------------------------------------------------------------------------- whole-slide options
+# Declared once (typer ``Annotated`` aliases) and shared by ``stain`` and ``uncertainty``: the same
+# flags, defaults and help in both. Sampling flags left unset take the run's calibration's.
+
+
+def _sampler_help() -> str:
+    from vstain_cli.diffusion.samplers import SAMPLERS
+
+    choices = "; ".join(f"{name}: {spec.summary}" for name, spec in SAMPLERS.items())
+    return (f"Sampler of diffusion runs ({choices}). Default: the sampler, steps and eta the run's "
+            "calibration.json was made with (so its lambda holds), else ddim; giving any of --sampler, --steps "
+            "or --eta overrides all three.")
+
+
+def _protocol_help() -> str:
+    from vstain_cli.diffusion.samplers import PROTOCOLS
+
+    return "Sampling protocol (" + "; ".join(f"{name}: {text}" for name, text in PROTOCOLS.items()) + ")."
+
+
+def _device_help() -> str:
+    from vstain_cli.runtime import DEVICE_CHOICES
+
+    return f"Where to run: {DEVICE_CHOICES} (auto: CUDA, else MPS, else CPU)."
+
+
+AfSlide = Annotated[Path, typer.Argument(help="AF slide: OME-TIFF/TIFF, QPTIFF, CZI or OME-Zarr (any channel count).")]
+ModelRun = Annotated[Path, typer.Option(
+    "--model", "-m", help="Trained run folder (runs/NAME), or a bundled run: phantom-diffusion, phantom-regression, "
+                          "phantom-pix2pix.")]
+Sampler = Annotated[Optional[str], typer.Option("--sampler", metavar="NAME", help=_sampler_help())]
+Steps = Annotated[Optional[int], typer.Option(
+    "--steps", min=1, max=10_000, metavar="INT",
+    help="Sampler steps (default: the calibration's, else the sampler's own, see --sampler).")]
+Eta = Annotated[Optional[float], typer.Option(
+    "--eta", min=0.0, max=1.0, metavar="FLOAT",
+    help="DDIM stochasticity, 0 (deterministic) to 1 (default: the calibration's, else 0).")]
+Protocol = Annotated[str, typer.Option("--protocol", metavar="NAME", help=_protocol_help())]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per network call.")]
+Overlap = Annotated[Optional[int], typer.Option(
+    "--overlap", help="Window overlap in px (default: a quarter window for diffusion, half for regression/pix2pix).")]
+Region = Annotated[int, typer.Option(
+    "--region", min=64, help="Streaming region size in px (bounds memory; uncertainty holds samples x region^2 x 12 "
+                             "bytes).")]
+Device = Annotated[str, typer.Option("--device", metavar="DEVICE", help=_device_help())]
+Seed = Annotated[int, typer.Option("--seed", min=0, metavar="INT",
+                                   help="Seed: same seed, same slide; uncertainty's sample k is stain's sample k.")]
+Mpp = Annotated[Optional[float], typer.Option(
+    "--mpp", help="The slide's µm/px when its file lacks or misstates it (it is resampled to the model's).")]
+OutFormat = Annotated[Optional[str], typer.Option(
+    "--format", help="tiff (pyramidal TIFF) or zarr (OME-Zarr, NGFF 0.4); default: stain from --out's suffix "
+                     "(.tif, .tiff or .zarr), uncertainty tiff.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output of the same kind.")]

@@ -8,23 +8,30 @@ from typing import Optional
 import typer
 
 from vstain_cli.cli.common import (
+    AfSlide,
+    BatchSize,
+    Device,
+    Eta,
+    Force,
+    ModelRun,
+    Mpp,
+    OutFormat,
+    Overlap,
+    Protocol,
+    Region,
     RichProgress,
+    Sampler,
+    Seed,
+    Steps,
     console,
-    device_option,
-    force_option,
     handles_errors,
-    protocol_option,
-    removes_new_outputs,
-    sampler_option,
-    seed_option,
-    steps_option,
 )
 
 
 @handles_errors
 def uncertainty(
-    af: Path = typer.Argument(..., help="AF slide: OME-TIFF/TIFF, QPTIFF, CZI or OME-Zarr."),
-    model: Path = typer.Option(..., "--model", "-m", help="Trained diffusion run folder (runs/NAME), or the bundled phantom-diffusion."),
+    af: AfSlide,
+    model: ModelRun,
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (lower/upper/mean/width maps, uncertainty.json)."),
     samples: Optional[int] = typer.Option(
         None, "--samples", "-n", help="Diffusion samples per region (default: the calibration's, else 20 as the paper)."),
@@ -35,29 +42,28 @@ def uncertainty(
         None, "--reference", metavar="HE_SLIDE",
         help="The real H&E of the same slide (registered, same size): measure the coverage and mean width of the "
              "intervals on tissue."),
-    sampler: str = sampler_option(),
-    steps: Optional[int] = steps_option(),
-    protocol: str = protocol_option(),
-    batch_size: int = typer.Option(16, "--batch-size", help="Windows per network call."),
-    overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in px (default: a quarter window)."),
-    region: int = typer.Option(1024, "--region",
-                               help="Streaming region size in px; memory ~ samples x (region + window)^2 x 12 bytes."),
+    sampler: Sampler = None,
+    steps: Steps = None,
+    eta: Eta = None,
+    protocol: Protocol = "fast",
+    batch_size: BatchSize = 16,
+    overlap: Overlap = None,
+    region: Region = 1024,
     width_max: Optional[float] = typer.Option(
         None, "--width-max", help="Top of the heat-map scale in 0-255 units (default: 99th percentile over tissue)."),
-    device: str = device_option(),
-    seed: int = seed_option("Seed: sample k uses the noise of `stain` sample index k."),
-    out_format: str = typer.Option("tiff", "--format", help="Maps as tiff (pyramidal TIFFs) or zarr (OME-Zarr images)."),
-    mpp: Optional[float] = typer.Option(
-        None, "--mpp", help="The slide's µm/px when its file lacks or misstates it (it is resampled to the model's)."),
-    force: bool = force_option("Replace an existing output folder."),
+    device: Device = "auto",
+    seed: Seed = 0,
+    out_format: OutFormat = None,
+    mpp: Mpp = None,
+    force: Force = False,
 ) -> None:
     """Sample a slide N times and write calibrated 5-95 % interval maps (lower, upper, mean, width)."""
     from vstain_cli.uq.maps import UncertaintyOptions, uncertainty_slide
 
-    options = UncertaintyOptions(sampler=sampler, steps=steps, protocol=protocol, batch_size=batch_size, overlap=overlap, region=region,
-                                 device=device, seed=seed, samples=samples, width_max=width_max,
-                                 mpp=mpp, out_format=out_format)
-    with removes_new_outputs(out), RichProgress() as progress:
+    options = UncertaintyOptions(sampler=sampler, steps=steps, eta=eta, protocol=protocol, batch_size=batch_size,
+                                 overlap=overlap, region=region, device=device, seed=seed, samples=samples,
+                                 width_max=width_max, mpp=mpp, out_format=out_format)
+    with RichProgress() as progress:
         result = uncertainty_slide(af, model, out, options, calibration=calibration, reference=reference,
                                     force=force, progress=progress)
     if result is None:  # a non-zero torchrun rank
