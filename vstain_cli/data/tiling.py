@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,17 @@ from vstain_cli.errors import InputError, OutputExistsError
 from vstain_cli.io.grid import Patch, patch_grid, tissue_mask_he
 from vstain_cli.io.slides import SlideReader, TiffSlide, open_af, open_he
 from vstain_cli.progress import NullProgress, Progress
-from vstain_cli.provenance import atomic_output, ensure_writable_dir, fingerprint, record, write_json
+from vstain_cli.provenance import (
+    atomic_output,
+    ensure_writable_dir,
+    fingerprint,
+    record,
+    remove_path,
+    replace_path,
+    stale_tmp_names,
+    tmp_name,
+    write_json,
+)
 
 NORM_PERCENTILES = (0.5, 99.5)
 THUMB_PX_PER_PATCH = 8  # the tissue mask resolves a patch with 8 x 8 thumbnail pixels
@@ -192,8 +201,8 @@ def _prepare_out(out: Path, settings: dict[str, Any], force: bool) -> None:
     elif (out / "dataset.json").exists() or slides_dir.exists():
         raise OutputExistsError("holds a dataset not made by this vstain version; pass --force to redo it", out)
     slides_dir.mkdir(exist_ok=True)
-    for stale in slides_dir.glob(".*.partial-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in stale_tmp_names(slides_dir):  # left by a killed run
+        remove_path(stale)
     write_json(state, settings)
 
 
@@ -294,8 +303,8 @@ def _tile_slide(
     if warning:
         progress.warn(f"{p.he}: {warning}")
     patches = [q for q, k in zip(patches, keep) if k]
-    tmp = out / "slides" / f".{p.slide_id}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = tmp_name(final)  # the one temp-name rule; published with replace_path
+    remove_path(tmp)
     tmp.mkdir(parents=True)
     n = len(patches)
     try:
@@ -321,9 +330,9 @@ def _tile_slide(
                 "tissue_fraction": result.tissue_fraction, "xy": result.xy, "alignment": alignment,
                 **result.sources, "mpp": op.af.mpp or op.he.mpp}
         (tmp / "slide.json").write_text(json.dumps(info))
-        os.replace(tmp, final)
+        replace_path(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         raise
     return result
 
