@@ -83,7 +83,14 @@ def test_evaluate_folders_from_python(sets, tmp_path):
     assert m["noisy"]["paired"] and 5 < m["noisy"]["metrics"]["L1"]["value"] < 12
     assert m["dim"]["metrics"]["L1"]["value"] > 20
     assert res.results["tiles"] == [f"t{i}" for i in range(6)]
-    assert res.notes == ["FID skipped: no --inception-weights file given", "FSD skipped: no --stainnet run given"]
+    assert res.notes[:2] == ["FID skipped: no --inception-weights file given",
+                             "FSD skipped: no --stainnet run given (PFD, grade agreement and the noise check "
+                             "need it too)"]
+    # folders: the tiles' slides are unknown, so the intervals fall back to tiles, and say so
+    assert "intervals are tile-level" in res.notes[2] and len(res.notes) == 3
+    assert res.results["settings"]["intervals"] == "tiles" and m["noisy"]["intervals"] == "tiles"
+    assert "slides" not in res.results and "tile-level (the tiles&#x27; slides are unknown" in \
+        res.paths["report.html"].read_text()
     assert res.results["notes"] == res.notes and "uncertainty" not in res.results
     assert any("by sorted order" in w for w in res.warnings)  # .npy rows have no names
     assert res.per_image["noisy"]["L1"].shape == (6,)

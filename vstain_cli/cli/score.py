@@ -1,4 +1,4 @@
-"""``vstain score``: FID / FSD / L1 / L2 / PSNR / SSIM of stained tiles vs real H&E."""
+"""``vstain score``: FID / FSD / PFD / L1 / L2 / PSNR / SSIM of stained tiles vs real H&E, grade agreement."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ def print_score_table(results: dict) -> None:
 
     models = results["models"]
     cols = [m for m in METRIC_ORDER if any(m in r["metrics"] for r in models.values())]
-    t = Table(title=f"vstain score: {results['n_real']} real tiles, 95% intervals (bootstrap; FID/FSD: subsampling)", title_justify="left")
+    settings = results.get("settings", {})
+    how = (f"slide-level: {settings.get('n_slides')} slides resampled" if settings.get("intervals") == "slides"
+           else "tile-level: slides unknown")
+    t = Table(title=f"vstain score: {results['n_real']} real tiles, 95% intervals ({how})", title_justify="left")
     t.add_column("model")
     for c in cols:
         t.add_column(f"{c} {'↑' if HIGHER_IS_BETTER[c] else '↓'}", justify="right")
@@ -42,6 +45,18 @@ def print_score_table(results: dict) -> None:
             cells.append(f"{val}\n[dim]{escape(ci)}[/]" if ci else val)
         t.add_row(escape(name), *cells, f"{r['n']}{'' if r['paired'] else ' unpaired'}")
     out.print(t)
+    for name, r in models.items():
+        g = r.get("grade")
+        if g:
+            ratio = g["tile_ratio"]["value"]
+            out.print(f"{escape(name)}: StainNet grade accuracy {g['tile_accuracy']['value']:.3f} on its tiles vs "
+                      f"{g['real_tile_accuracy']['value']:.3f} on the real tiles (ratio "
+                      f"{'-' if ratio is None else f'{ratio:.3f}'}); slides right {g['slides_correct']}/{g['slides']} "
+                      f"vs {g['real_slides_correct']}/{g['slides']}", highlight=False)
+    if results.get("noise_check"):
+        from vstain_cli.score.noise_check import sentence
+
+        out.print(f"noise check: {escape(sentence(results['noise_check']))}", highlight=False)
 
 
 @handles_errors
@@ -70,8 +85,10 @@ def score(
     force: bool = force_option("Overwrite existing outputs."),
     uncertainty_samples: Optional[int] = typer.Option(None, "--uncertainty-samples", min=2, help="Diffusion samples per tile for the report's uncertainty panel (runs with a calibration.json; default: the calibration's own count)."),
     uncertainty_rows: int = typer.Option(3, "--uncertainty-rows", min=0, help="Example tiles in the uncertainty panel (0: none)."),
+    noise_check: bool = typer.Option(True, "--noise-check/--no-noise-check", help="Also score regression + N(0, 16) noise as a pseudo-model and say whether it beats diffusion on PFD and FSD (when a regression and a diffusion model are scored with --stainnet)."),
 ) -> None:
-    """Score stained tiles against real H&E: FID, FSD, L1, L2, PSNR, SSIM with 95% intervals."""
+    """Score stained tiles against real H&E: FID, FSD, PFD, L1, L2, PSNR, SSIM with 95% intervals (slides resampled
+    when the tiles come from a dataset), StainNet grade agreement and a noise check."""
     from vstain_cli.score.pipeline import EvaluateOptions, evaluate
 
     options = EvaluateOptions(
@@ -79,7 +96,7 @@ def score(
         stainnet=stainnet, inception_weights=inception_weights, n=n, seed=seed, split=split, sampler=sampler,
         steps=steps, eta=eta, protocol=protocol, n_boot=n_boot, fd_boot=fd_boot, unpaired=unpaired, batch_size=batch_size,
         device=device, grid_rows=grid_rows, out_dir=out_dir, force=force,
-        uncertainty_samples=uncertainty_samples, uncertainty_rows=uncertainty_rows,
+        uncertainty_samples=uncertainty_samples, uncertainty_rows=uncertainty_rows, noise_check=noise_check,
     )
     with removes_new_outputs(out_dir), RichProgress() as prog:
         result = evaluate(options, prog)

@@ -71,6 +71,10 @@ class EvaluateOptions:
     force: bool = False
     uncertainty_samples: int | None = None  # None: the calibration's own sample count
     uncertainty_rows: int = 3
+    #: Score regression + N(0, 16) as a pseudo-model next to diffusion (needs both, and a StainNet).
+    noise_check: bool = True
+    #: Lines the caller adds to the report's notes (e.g. the demo: each model's training steps).
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         opt = lambda p: None if p is None else Path(p)  # noqa: E731
@@ -93,7 +97,11 @@ class EvaluateResult:
 
     #: The content of score.json: n_real, tile_size, models, warnings, settings,
     #: notes, provenance, tiles (and ``uncertainty`` when a panel was drawn,
-    #: ``stainnet`` (``stainnet_check``) with a StainNet run).
+    #: ``stainnet`` (``stainnet_check``) with a StainNet run). With slide ids (a
+    #: dataset): ``settings.intervals == "slides"``, ``slides`` (the per-slide table),
+    #: per model ``grade`` (grade agreement, with a StainNet); ``noise_check`` when a
+    #: regression and a diffusion model were scored with a StainNet. Each model has
+    #: ``intervals`` ("slides"/"tiles") and, for --model runs, ``kind``.
     results: dict[str, Any]
     #: Output name ("score.json", "report.html", "per_image.csv", "samples-NAME.npy") -> path.
     paths: dict[str, Path]
@@ -284,6 +292,17 @@ def run_sampling(run_dir: Path, protocol: str, sampler: str, steps: int | None, 
     return resolved, protocol_record(protocol, *resolved, preset.diffusion.timesteps)
 
 
+def run_config(run_dir: Path) -> dict[str, Any] | None:
+    """A run folder's config.json as a dict; None when unreadable (load_run reports it with the file's name)."""
+    import json
+
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def stainnet_check(run_dir: str | Path) -> dict[str, Any]:
     """A StainNet run's last validation accuracy against chance (1 / n_classes).
 
@@ -386,6 +405,9 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
     real, data, names = _check(o)
     fakes, models, split, seed = o.fakes, o.models, o.split, o.seed
     model_names_ = names[len(fakes):]
+    configs = {nm: run_config(p) for nm, p in zip(model_names_, models)}
+    if models:
+        _check_channels(data, split, models, model_names_, configs)
     outputs = ["score.json", "report.html", "per_image.csv"] + [f"samples-{nm}.npy" for nm in model_names_]
     paths = {k: o.out_dir / k for k in outputs}
     for p in paths.values():
@@ -394,18 +416,19 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
     calibrations = {nm: _load_calibration(p) for nm, p in zip(model_names_, models)} if show_panel else {}
 
     dev = scoring.resolve_device(o.device) if (o.inception_weights or o.stainnet or models) else "cpu"
-    notes: list[str] = []
+    notes: list[str] = list(o.notes)
     extractors = {}
     if o.inception_weights is not None:
         extractors["FID"] = scoring.inception_extractor(o.inception_weights, dev)
     else:
         notes.append("FID skipped: no --inception-weights file given")
-    stainnet_rec, first_warnings = None, []
+    stainnet_rec, first_warnings, net = None, [], None
     if o.stainnet is not None:
-        extractors["FSD"] = scoring.stainnet_extractor(o.stainnet, dev)
+        net = scoring.StainNetScorer(o.stainnet, dev)
+        extractors["FSD"] = net.features
         stainnet_rec = stainnet_check(o.stainnet)
     else:
-        notes.append("FSD skipped: no --stainnet run given")
+        notes.append("FSD skipped: no --stainnet run given (PFD, grade agreement and the noise check need it too)")
     real_full = scoring.load_images(real, split, prog)
     idx = scoring.select_tiles(len(real_full), o.n, seed)
     if o.n is not None and o.n > len(real_full):
@@ -413,11 +436,18 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
         prog.warn(too_many)
         first_warnings.append(too_many)
     real_set = real_full.take(idx)
+    slides = _slides_of(real, data, real_full, split, real_set.names, prog)
+    groups, labels = slides if slides is not None else (None, None)
+    if groups is None:
+        notes.append("intervals are tile-level: the real tiles' slides are unknown (a folder or array, not a "
+                     "dataset), so tiles are resampled as if independent; give a dataset for slide-level intervals")
+    real_feats, real_pred = {}, None
+    if net is not None:
+        real_feats["FSD"] = scoring.extract_features(real_set.images, net.features, o.batch_size, prog, "FSD real")
+        real_pred = net.predict(real_feats["FSD"])
     if stainnet_rec is not None:
-        labels = scoring.dataset_labels(real, real_set.names)
         if labels is not None:  # the paper's task on the scored real tiles: slide label from a patch
-            stainnet_rec["test"] = {"split": split, **scoring.stainnet_accuracy(o.stainnet, real_set.images, labels,
-                                                                                dev)}
+            stainnet_rec["test"] = {"split": split, **scoring.accuracy_record(labels, real_pred, net.n_classes)}
             # the scored tiles (every label of the split, many tiles) are better evidence than the
             # run's last validation batches: they decide whether StainNet is at chance
             t = stainnet_rec["test"]
@@ -457,6 +487,7 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
                 np.save(f, tiles)
             fake_sets[nm] = ImageSet(tiles, list(real_set.names), str(run_dir))
             paired[nm] = True
+    fd_device = dev if dev.startswith("cuda") else None
     results = scoring.score_image_sets(
         real_set.images,
         {k: v.images for k, v in fake_sets.items()},
@@ -467,11 +498,35 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
         paired=paired,
         batch_size=o.batch_size,
         progress=prog,
-        fd_device=dev if dev.startswith("cuda") else None,
+        fd_device=fd_device,
+        groups=groups,
+        real_features=real_feats,
+        return_features=True,
     )
     per_image = results.pop("per_image")
+    features = results.pop("features")
     for nm, rec in sampling.items():  # every sampled number says how it was sampled
         results["models"][nm]["sampling"] = rec
+    for nm, cfg in configs.items():  # the kind of model decides its role in Table 1 and the noise check
+        kind = ((cfg or {}).get("preset") or {}).get("kind")
+        if kind:
+            results["models"][nm]["kind"] = kind
+    fake_pred = {nm: net.predict(features["FSD"][nm]) for nm in per_image} if net is not None else {}
+    if groups is not None:
+        if labels is not None and net is not None:
+            from vstain_cli.score.slides import grade_agreement
+
+            for nm in per_image:
+                results["models"][nm]["grade"] = grade_agreement(labels, groups, real_pred, fake_pred[nm],
+                                                                 net.n_classes, o.n_boot, seed)
+        from vstain_cli.score.slides import per_slide_table
+
+        results["slides"] = per_slide_table(groups, labels, per_image, features, real_pred, fake_pred,
+                                            None if net is None else net.n_classes)
+    if o.noise_check:
+        check = _noise_check(results, fake_sets, real_set, net, real_feats, groups, o, prog, fd_device, notes)
+        if check is not None:
+            results["noise_check"] = check
 
     grids, row_names, panel = None, None, {}
     pick = grid_pick(len(real_set), o.grid_rows, seed) if o.grid_rows > 0 else np.zeros(0, int)
@@ -500,6 +555,7 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
         "sampling": sampling, "n_boot": o.n_boot,
         "fd_boot": o.fd_boot, "unpaired": o.unpaired, "device": dev,
         "uncertainty_samples": o.uncertainty_samples, "uncertainty_rows": o.uncertainty_rows,
+        "noise_check": o.noise_check,
     }
     inputs = {"inception_weights": provenance.fingerprint(o.inception_weights)} if o.inception_weights else {}
     results["provenance"] = provenance.record(config, inputs)
@@ -510,6 +566,59 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
 
     write_report(paths["report.html"], results, grids, panel or None, row_names=row_names)
     return EvaluateResult(doc, paths, notes, prog.warnings, per_image)
+
+
+def _check_channels(data: Path, split: str, models: list[Path], names: list[str],
+                    configs: dict[str, dict[str, Any] | None]) -> None:
+    """Before any work: each run's AF channel count must be the dataset's (InputError naming both)."""
+    from vstain_cli.data import store as ds
+
+    info = ds.open_dataset(data)
+    for nm, run_dir in zip(names, models):
+        cfg = configs.get(nm) or {}
+        if isinstance(cfg.get("channels"), int):
+            scoring.check_channels(info.channels, cfg["channels"], f"{data}:{split}", run_dir)
+
+
+def _slides_of(real: Path, data: Path | None, real_full: ImageSet, split: str, names: list[str],
+               progress: Progress) -> tuple[list[str], np.ndarray] | None:
+    """(slide id, label) per scored real tile when a dataset names them; None for folders and arrays."""
+    found = scoring.dataset_slides(real, names)
+    if found is not None or data is None or not (Path(data) / "dataset.json").is_file():
+        return found
+    from vstain_cli.data import store as ds
+
+    keys = ds.open_dataset(data).patch_keys(split)
+    if [f"{sl}_{r:06d}" for sl, r in keys] != real_full.names:
+        progress.warn(f"--real tiles are not named like --data's {split} tiles (slide_row): their slides are "
+                      "unknown, so intervals are tile-level")
+        return None
+    return scoring.dataset_slides(data, names)
+
+
+def _noise_check(results: dict[str, Any], fake_sets: dict[str, ImageSet], real_set: ImageSet, net: Any,
+                 real_feats: dict[str, np.ndarray], groups: list[str] | None, o: EvaluateOptions,
+                 progress: Progress, fd_device: str | None, notes: list[str]) -> dict[str, Any] | None:
+    """Score regression + N(0, 16) next to diffusion (``noise_check``); None (with a note) when it cannot run."""
+    from vstain_cli.score import noise_check
+    from vstain_cli.score.table1 import find_roles
+
+    models = results["models"]
+    roles = find_roles({k: v for k, v in models.items() if v.get("paired")})
+    if "regression" not in roles or "diffusion" not in roles:
+        return None  # nothing to check: the check compares a regression and a diffusion model
+    if net is None:
+        notes.append("noise check skipped: it needs FSD and PFD features (give --stainnet)")
+        return None
+    base, against = roles["regression"], roles["diffusion"]
+    noisy = noise_check.noisy_tiles(fake_sets[base].images, noise_check.NOISE_SD, o.seed)
+    name = f"{base} + N(0, {noise_check.NOISE_SD:g})"
+    scored = scoring.score_image_sets(
+        real_set.images, {name: noisy}, {"FSD": net.features}, n_boot=o.n_boot, seed=o.seed, fd_boot=o.fd_boot,
+        paired={name: True}, batch_size=o.batch_size, progress=progress, fd_device=fd_device, groups=groups,
+        real_features=real_feats)
+    return {**noise_check.verdict(models, scored["models"][name], base, against, noise_check.NOISE_SD),
+            "seed": o.seed, "seed_stream": "SCORE_NOISE"}
 
 
 def _uncertainty(o: EvaluateOptions, models: list[Path], names: list[str], calibrations: dict[str, Any],
@@ -552,4 +661,5 @@ def _uncertainty(o: EvaluateOptions, models: list[Path], names: list[str], calib
 
 
 __all__ = ["EvaluateOptions", "EvaluateResult", "evaluate", "model_names", "grid_pick", "grid_columns",
-           "draw_samples", "interval_panel", "run_sampling", "stainnet_check", "stainnet_warning", "NO_CALIBRATION"]
+           "draw_samples", "interval_panel", "run_sampling", "run_config", "stainnet_check", "stainnet_warning",
+           "NO_CALIBRATION"]

@@ -16,16 +16,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-#: Column order of the report/CLI table (the paper's Table 1 plus PSNR/SSIM).
-METRIC_ORDER = ("FID", "FSD", "L1", "L2", "PSNR", "SSIM")
+#: Column order of the report/CLI table (the paper's Table 1, PFD, PSNR/SSIM).
+METRIC_ORDER = ("FID", "FSD", "PFD", "L1", "L2", "PSNR", "SSIM")
 #: True when larger is better.
-HIGHER_IS_BETTER = {"FID": False, "FSD": False, "L1": False, "L2": False, "PSNR": True, "SSIM": True}
+HIGHER_IS_BETTER = {"FID": False, "FSD": False, "PFD": False, "L1": False, "L2": False, "PSNR": True, "SSIM": True}
 
 
 def json_ready(obj: Any) -> Any:
-    """Results without numpy arrays (``per_image`` dropped), non-finite floats -> None."""
+    """Results without numpy arrays (``per_image``, ``features`` dropped), non-finite floats -> None."""
     if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items() if k != "per_image"}
+        return {k: json_ready(v) for k, v in obj.items() if k not in ("per_image", "features")}
     if isinstance(obj, (list, tuple)):
         return [json_ready(v) for v in obj]
     if isinstance(obj, (float, np.floating)):
@@ -53,7 +53,7 @@ def format_interval(m: Mapping[str, float] | None, digits: int = 1) -> str:
 
 
 #: Decimals per metric in tables.
-DIGITS = {"FID": 1, "FSD": 1, "L1": 1, "L2": 1, "PSNR": 2, "SSIM": 3}
+DIGITS = {"FID": 1, "FSD": 1, "PFD": 2, "L1": 1, "L2": 1, "PSNR": 2, "SSIM": 3}
 
 
 _CSS = """
@@ -210,14 +210,127 @@ def _stainnet_test(t: dict) -> str:
             f"rows: true slide label, columns: predicted.</p><table><tr><th></th>{head}</tr>{rows}</table>")
 
 
+def _claims(claims: list[dict]) -> str:
+    return "".join(f"<li>{'holds' if c['holds'] else '<b>not shown</b>'}: {html.escape(c['claim'])} "
+                   f"&mdash; {html.escape(c['numbers'])}</li>" for c in claims)
+
+
 def _shape_section(shape: dict) -> str:
     """Whether the paper's Table 1 shape holds here, claim by claim, with the numbers."""
     verdict = "reproduced" if shape["reproduced"] else "not reproduced"
-    items = "".join(f"<li>{'holds' if c['holds'] else '<b>not shown</b>'}: {html.escape(c['claim'])} "
-                    f"&mdash; {html.escape(c['numbers'])}</li>" for c in shape["claims"])
+    level = {"slides": "slide-level (slides resampled)", "tiles": "tile-level (slides unknown)"}.get(
+        shape.get("intervals"), "")
+    more = (f"<p class=note>Beyond Table 1 (issue 18's evidence; not part of the verdict above):</p>"
+            f"<ul>{_claims(shape['evidence'])}</ul>" if shape.get("evidence") else "")
     return (f"<h2>Table 1's shape: {verdict}</h2><p class=note>Sridhar et al. 2023: regression best on L1/L2 "
-            f"and worst on FSD, pix2pix between, diffusion best on FSD. A claim holds here only when the two 95% "
-            f"intervals do not overlap.</p><ul>{items}</ul>")
+            f"and worst on FSD, pix2pix between, diffusion best on FSD. A claim holds here only when the two "
+            f"{level} 95% intervals do not overlap.</p><ul>{_claims(shape['claims'])}</ul>{more}")
+
+
+def _ci(m: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``value [lo, hi]`` as HTML, the interval dimmed; '&ndash;' when absent."""
+    if not m or m.get("value") is None:
+        return "&ndash;"
+    val, _, ci = format_interval({k: (float("nan") if m.get(k) is None else m[k]) for k in ("value", "lo", "hi")},
+                                 digits).partition(" ")
+    return f"{val} <span class=ci>{html.escape(ci.replace('inf', 'n/a'))}</span>" if ci else val
+
+
+def _grade_section(results: Mapping[str, Any]) -> str:
+    """StainNet's grade accuracy on each model's tiles against the real tiles of the same slides."""
+    models = {k: v["grade"] for k, v in results.get("models", {}).items() if v.get("grade")}
+    if not models:
+        return ""
+    rows = []
+    for name, g in models.items():
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{_ci(g['tile_accuracy'])}</td>"
+            f"<td>{_ci(g['real_tile_accuracy'])}</td><td>{_ci(g['tile_ratio'])}</td>"
+            f"<td>{g['slides_correct']}/{g['slides']}</td><td>{g['real_slides_correct']}/{g['slides']}</td>"
+            f"<td>{_ci(g['slide_ratio'])}</td><td>{_ci(g['tile_agreement'])}</td></tr>")
+    first = next(iter(models.values()))
+    return (
+        "<h2>Grade agreement (is the steatosis grade kept?)</h2>"
+        f"<p class=note>StainNet predicts the slide's grade from one tile. Its accuracy on each model's tiles "
+        f"against its accuracy on the real tiles of the same {first['slides']} slides ({first['tiles']} tiles); "
+        "ratio = model / real (1: the virtual stain keeps all the grade information StainNet reads in real H&amp;E). "
+        "Slide level: a slide's grade is the majority vote of its tiles (ties to the lower grade). Same grade as "
+        "real: tiles whose prediction equals the prediction on their real pair. 95% intervals resample slides.</p>"
+        '<table class="metrics"><thead><tr><th>model</th><th>tile accuracy</th><th>real tiles</th>'
+        "<th>ratio</th><th>slides right</th><th>real slides right</th><th>slide ratio</th>"
+        f"<th>same grade as real</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _slides_section(results: Mapping[str, Any]) -> str:
+    """The per-slide table: each test slide, each model's FSD, PFD, L1, L2 and grade accuracy."""
+    table = results.get("slides")
+    if not table:
+        return ""
+    cols = [c for c in ("FSD", "PFD", "L1", "L2", "accuracy")
+            if any(c in m for rec in table for m in rec["models"].values())]
+    has_acc = any("real_accuracy" in rec for rec in table)
+    head = "<th>slide</th><th>grade</th><th>tiles</th>" + ("<th>real accuracy</th>" if has_acc else "") + \
+        "<th>model</th>" + "".join(f"<th>{c}</th>" for c in cols)
+
+    def cell(v: Any, c: str) -> str:
+        if v is None:
+            return "<td>&ndash;</td>"
+        return f"<td>{v:.3g}</td>" if c in ("FSD", "PFD") else f"<td>{v:.{3 if c == 'accuracy' else 1}f}</td>"
+
+    rows = []
+    for rec in table:
+        models = list(rec["models"].items()) or [("&ndash;", {})]
+        span = f' rowspan="{len(models)}"'
+        lead = (f"<td{span}>{html.escape(rec['slide'])}</td><td{span}>{'?' if rec['label'] is None else rec['label']}"
+                f"</td><td{span}>{rec['tiles']}</td>")
+        if has_acc:
+            acc = rec.get("real_accuracy")
+            lead += f"<td{span}>{'&ndash;' if acc is None else f'{acc:.3f}'}</td>"
+        for i, (name, m) in enumerate(models):
+            cells = "".join(cell(m.get(c), c) for c in cols)
+            rows.append(f"<tr>{lead if i == 0 else ''}<td>{html.escape(name)}</td>{cells}</tr>")
+    return ("<h2>Per slide</h2><p class=note>Each test slide on its own: FSD between its real and generated tiles "
+            "(biased upward at a slide's few tiles: compare models on the same slide, not slides), mean PFD, L1 and "
+            "L2 over its tiles, StainNet's grade accuracy on its generated tiles (real accuracy: on its real "
+            f'tiles).</p><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _noise_section(results: Mapping[str, Any]) -> str:
+    """The noise check: regression + N(0, 16) scored next to diffusion."""
+    from vstain_cli.score.noise_check import sentence
+
+    rec = results.get("noise_check")
+    if not rec:
+        return ""
+    metrics_ = [k for k in ("FSD", "PFD", "L1", "L2") if k in rec["metrics"]]
+    head = "".join(f"<th>{k} &darr;</th>" for k in metrics_)
+    rows = "".join(
+        f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{_ci(ms.get(k), DIGITS[k])}</td>" for k in metrics_)
+        + "</tr>"
+        for label, ms in ((rec["against"], rec["against_metrics"]), (rec["base"], rec["base_metrics"]),
+                          (rec["name"], rec["metrics"])))
+    proof = rec.get("noise_proof")
+    verdict = ("PFD is noise-proof here: the noisy regression does not beat diffusion" if proof else
+               "<b>PFD is NOT noise-proof here: the noisy regression looks better than diffusion</b>"
+               if proof is False else "PFD not scored")
+    return (f"<h2>Noise check</h2><p class=note>{html.escape(rec['name'])}: the regression output plus Gaussian "
+            f"noise of sd {rec['sd']:g} (0-255 units, seeded, rounded and clipped), scored as a pseudo-model. Noise "
+            "makes a blurry output sharper, not truer: a metric that ranks it above diffusion rewards sharpness. "
+            f"{verdict}.</p><p class=note>{html.escape(sentence(rec))}.</p>"
+            f'<table class="metrics"><thead><tr><th>model</th>{head}</tr></thead><tbody>{rows}</tbody></table>')
+
+
+def _interval_words(settings: Mapping[str, Any]) -> str:
+    """How the intervals were made (slide-level or the tile-level fallback), with the resample counts."""
+    n_boot, fd_boot = settings.get("n_boot", "?"), settings.get("fd_boot", "?")
+    if settings.get("intervals") == "slides":
+        return (f"slide-level cluster bootstrap: the {settings.get('n_slides', '?')} slides are resampled with "
+                f"replacement and every tile of a drawn slide is kept ({n_boot} resamples for means and accuracies, "
+                f"{fd_boot} for FID/FSD, recomputed on the drawn slides' pooled features); tiles of one slide are "
+                "not independent, so tiles are never resampled on their own")
+    return (f"tile-level (the tiles' slides are unknown: tiles resampled as if independent, which is too narrow "
+            f"when tiles of a slide are alike): percentile bootstrap over tiles for means ({n_boot} resamples), "
+            f"half-sample subsampling without replacement for FD ({fd_boot} subsamples)")
 
 
 def write_report(
@@ -250,14 +363,14 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>",
         f"<div class=meta>{results.get('n_real', '?')} real tiles of "
         f"{'x'.join(str(s) for s in results.get('tile_size', []))} px &middot; "
-        f"95% intervals over tiles: percentile bootstrap for means ({settings.get('n_boot', '?')} resamples), "
-        f"half-sample subsampling without replacement for FD ({settings.get('fd_boot', '?')} subsamples) "
-        f"&middot; seed {settings.get('seed', '?')} &middot; "
+        f"95% intervals: {html.escape(_interval_words(settings))} &middot; seed {settings.get('seed', '?')} &middot; "
         f"{html.escape(time.strftime('%Y-%m-%d %H:%M'))}</div>",
         "<h2>Metrics</h2>",
         _metrics_table(results),
         "<p class=note>FID: Fréchet distance on InceptionV3 pool3 features (pytorch-fid weights and "
-        "preprocessing). FSD: Fréchet distance on StainNet features. L1: mean absolute error, L2: "
+        "preprocessing). FSD: Fréchet distance on StainNet features. PFD: paired feature distance, the mean "
+        "Euclidean distance between each generated tile's StainNet features and its real pair's. L1: mean "
+        "absolute error, L2: "
         "root-mean-square error, both per pixel-channel on 0-255 RGB, averaged over tiles. PSNR in dB "
         "(data range 255); SSIM with a 7x7 window. Arrows: direction of better; shaded: best per column. "
         "Definitions: docs/metrics.md.</p>",
@@ -276,6 +389,7 @@ def write_report(
     shape = table1_shape(results)
     if shape is not None:
         parts.append(_shape_section(shape))
+    parts += [_grade_section(results), _noise_section(results), _slides_section(results)]
     for note in results.get("notes", []):
         parts.append(f"<p class=note>{html.escape(note)}</p>")
     if grids:

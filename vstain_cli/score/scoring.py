@@ -177,37 +177,92 @@ def _load_dataset(root: Path, split: str) -> ImageSet:
     return ImageSet(he, names, f"{root}:{split}", af, (info.af_low, info.af_high))
 
 
+class StainNetScorer:
+    """A trained StainNet run: penultimate features (FSD, PFD) and grade predictions from them.
+
+    ``features`` is a ``FeatureFn`` (uint8 batch -> (B, D)); ``predict`` applies the
+    classification head to features already computed, so a tile goes through the
+    network once for FSD, PFD and grade accuracy (the head follows the features
+    directly at inference: dropout is off).
+    """
+
+    def __init__(self, run_dir: str | Path, device: str = "auto") -> None:
+        from vstain_cli.infer.bundled import bundled_path
+        from vstain_cli.infer.run import load_run
+
+        run_dir = bundled_path(run_dir) or Path(run_dir)
+        if not run_dir.is_dir():
+            raise InputError("StainNet run folder not found (train one with `vstain train --preset stainnet`)",
+                             run_dir)
+        self.run = load_run(run_dir, resolve_device(device))
+        if self.run.kind != "stainnet" or not hasattr(self.run.model, "features"):
+            raise InputError(f"this is a {self.run.kind} run, not a StainNet (give it with --model)", run_dir)
+        self.path = run_dir
+        self.n_classes = int(self.run.preset.stainnet.n_classes)
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (B, 3, H, W) -> penultimate features (B, D); tiles enter as x / 127.5 - 1."""
+        import torch
+
+        with torch.no_grad():
+            x = torch.from_numpy(batch).to(self.run.device).float() / 127.5 - 1.0
+            return self.run.model.features(x).float().cpu().numpy()
+
+    def predict(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Predicted label (N,) from features (N, D): argmax of the head."""
+        import torch
+
+        head = self.run.model.head
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(features), batch_size):
+                f = torch.as_tensor(np.asarray(features[s : s + batch_size], np.float32), device=self.run.device)
+                out.append(head(f).argmax(1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def accuracy_record(labels: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Accuracy and confusion matrix (rows: true label, columns: predicted) of predictions."""
+    labels, pred = np.asarray(labels, np.int64), np.asarray(pred, np.int64)
+    conf = np.zeros((n_classes, n_classes), np.int64)
+    ok = (labels >= 0) & (labels < n_classes) & (pred >= 0) & (pred < n_classes)
+    np.add.at(conf, (labels[ok], pred[ok]), 1)
+    return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "confusion": conf.tolist(),
+            "patches": int(conf.sum()), "chance": 1.0 / n_classes}
+
+
 def stainnet_accuracy(run_dir: str | Path, images: np.ndarray, labels: np.ndarray, device: str = "auto",
                       batch_size: int = 256) -> dict[str, Any]:
     """A StainNet's accuracy and confusion matrix (rows: true label, columns: predicted) on uint8 tiles."""
-    import torch
-
-    from vstain_cli.infer.run import load_run
-
-    run = load_run(run_dir, resolve_device(device))
-    n = int(run.preset.stainnet.n_classes)
-    preds = []
-    with torch.no_grad():
-        for s in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size])).to(run.device).float() / 127.5 - 1
-            preds.append(run.model(x).argmax(1).cpu().numpy())
-    pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
-    conf = np.zeros((n, n), np.int64)
-    ok = (labels >= 0) & (labels < n)
-    np.add.at(conf, (labels[ok], pred[ok]), 1)
-    return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "confusion": conf.tolist(),
-            "patches": int(conf.sum()), "chance": 1.0 / n}
+    net = StainNetScorer(run_dir, device)
+    feats = extract_features(images, net.features, batch_size, label="StainNet") if len(images) else \
+        np.zeros((0, 1))
+    return accuracy_record(labels, net.predict(feats), net.n_classes)
 
 
 def dataset_labels(root: str | Path, names: list[str]) -> np.ndarray | None:
     """Slide labels of dataset tiles named ``slide_row`` (None when ``root`` is not a dataset)."""
+    found = dataset_slides(root, names)
+    return None if found is None else found[1]
+
+
+def dataset_slides(root: str | Path, names: list[str]) -> tuple[list[str], np.ndarray] | None:
+    """(slide id, slide label) of each dataset tile named ``slide_row``; None when ``root`` is not a dataset.
+
+    The slide id and label are the dataset's (index.csv / dataset.json): what the
+    slide-level intervals resample and what StainNet's grade accuracy is checked on.
+    """
     root = Path(root)
     if not (root / "dataset.json").is_file():
         return None
     from vstain_cli.data import store as ds
 
     info = ds.open_dataset(root)
-    return np.array([info.slides[n.rsplit("_", 1)[0]].label for n in names], np.int64)
+    slides = [n.rsplit("_", 1)[0] for n in names]
+    missing = next((s for s in slides if s not in info.slides), None)
+    if missing is not None:
+        raise InputError(f"tile slide {missing!r} is not a slide of this dataset", root)
+    return slides, np.array([info.slides[s].label for s in slides], np.int64)
 
 
 def load_images(path: str | Path, split: str = "test", progress: Progress | None = None) -> ImageSet:
@@ -332,26 +387,15 @@ def stainnet_extractor(run_dir: str | Path, device: str = "auto") -> FeatureFn:
     The run is opened with ``vstain_cli.infer.run.load_run``; tiles enter as float
     (N, 3, H, W) in [-1, 1] (``dataset.he_to_unit``), as StainNet was trained.
     """
-    import torch
+    return StainNetScorer(run_dir, device).features
 
-    from vstain_cli.infer.bundled import bundled_path
-    from vstain_cli.infer.run import load_run
 
-    run_dir = bundled_path(run_dir) or Path(run_dir)
-    if not run_dir.is_dir():
-        raise InputError("StainNet run folder not found (train one with `vstain train --preset stainnet`)", run_dir)
-
-    run = load_run(run_dir, resolve_device(device))
-    model = run.model
-    if run.kind != "stainnet" or not hasattr(model, "features"):
-        raise InputError(f"this is a {run.kind} run, not a StainNet (give it with --model)", run_dir)
-
-    @torch.no_grad()
-    def fn(batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(batch).to(run.device).float() / 127.5 - 1.0
-        return model.features(x).float().cpu().numpy()
-
-    return fn
+def check_channels(af_channels: int, run_channels: int, source: str | Path, run_dir: str | Path) -> None:
+    """InputError naming the dataset and the model when the AF channel counts differ."""
+    if int(af_channels) != int(run_channels):
+        raise InputError(
+            f"AF has {af_channels} channels but model {run_dir} was trained on {run_channels}; "
+            "score it on a dataset tiled from the same AF channels", source)
 
 
 def sample_run_tiles(
@@ -384,6 +428,7 @@ def sample_run_tiles(
     run = load_run(run_dir, resolve_device(device))
     if run.kind == "stainnet":
         raise InputError("a StainNet run classifies H&E; pass it with --stainnet, not --model", run_dir)
+    check_channels(real.af([0]).shape[1] if len(real) else run.channels, run.channels, real.source, run_dir)
     out = np.empty_like(real.images)
     key = f"sample:{run_dir.name}"
     progress.start(key, f"staining with {run_dir.name}", len(real))
@@ -408,6 +453,21 @@ def _interval(mean: float, lo: float, hi: float) -> dict[str, float]:
     return {"value": mean, "lo": lo, "hi": hi}
 
 
+#: Slides below which the slide-level intervals are warned about (the cluster bootstrap
+#: under-covers with few clusters even after the sqrt(S / (S - 1)) widening).
+FEW_SLIDES = 5
+
+
+def interval_method(level: str, n_slides: int | None = None) -> str:
+    """How the 95 % intervals were made, in words (score.json ``settings`` and the report)."""
+    if level == "slides":
+        return (f"slide-level cluster bootstrap over {n_slides} slides: slides drawn with replacement, every tile "
+                "of a drawn slide kept; means: percentile interval, FID/FSD: recomputed on the pooled features of "
+                "the drawn slides, centred on the resamples' mean; widened by sqrt(S/(S-1))")
+    return ("tile-level (slide ids unknown): means: percentile bootstrap over tiles; FID/FSD: half-sample "
+            "subsampling without replacement")
+
+
 def score_image_sets(
     real: np.ndarray,
     fakes: Mapping[str, np.ndarray],
@@ -419,17 +479,28 @@ def score_image_sets(
     batch_size: int = 64,
     progress: Progress | None = None,
     fd_device: str | None = None,
+    groups: list[str] | np.ndarray | None = None,
+    real_features: Mapping[str, np.ndarray] | None = None,
+    return_features: bool = False,
 ) -> dict[str, Any]:
     """Score fake sets against a real set; 95% intervals on every metric.
 
     ``feature_extractors`` maps a metric name ("FSD", "FID") to a callable uint8
     (B, 3, H, W) -> (B, D); the FD of each fake set to the real set is computed in
-    its feature space, with a subsampling interval (``metrics.fd_interval``,
-    ``fd_boot`` subsamples). Paired distortion (L1, L2, PSNR, SSIM) is computed for fakes
-    that are paired with ``real`` (``paired[name]``; default: same shape). The
-    same bootstrap seed is used for every model; ``fd_device`` (e.g. "cuda") runs
-    the FD subsamples in torch float64 there. Returns a JSON-ready ``summary``
-    part (``models``, ``warnings``, ``settings``) and ``per_image`` numpy arrays.
+    its feature space. Paired distortion (L1, L2, PSNR, SSIM) is computed for fakes
+    that are paired with ``real`` (``paired[name]``; default: same shape), and with
+    FSD features PFD, the paired feature distance (``metrics.paired_feature_distance``).
+
+    ``groups``: the slide id of each real tile. With it, every interval of a paired
+    set is slide-level (``metrics.cluster_bootstrap_ci``, ``metrics.fd_cluster_interval``:
+    ``n_boot`` / ``fd_boot`` slide resamples); without it (or for an unpaired set)
+    tile-level (``metrics.bootstrap_ci``, ``metrics.fd_interval``). Each model's
+    ``intervals`` says which. The same seed draws the same slides for every model;
+    ``fd_device`` (e.g. "cuda") runs the FD resamples in torch float64 there.
+    ``real_features``: metric -> real features already extracted (not recomputed).
+    Returns a JSON-ready ``summary`` part (``models``, ``warnings``, ``settings``)
+    and ``per_image`` numpy arrays (and ``features``: metric -> {"real", model} ->
+    (N, D) when ``return_features``).
     """
     progress = progress or NullProgress()
     real = np.asarray(real)
@@ -441,13 +512,27 @@ def score_image_sets(
             raise InputError(f"{name}: need uint8 RGB tiles (N, 3, H, W), got {a.dtype} {a.shape}")
         if feature_extractors and len(a) < 2:
             raise InputError(f"{name}: a Fréchet distance needs at least 2 tiles, got {len(a)}")
+    if groups is not None and len(groups) != len(real):
+        raise InputError(f"{len(groups)} slide ids for {len(real)} real tiles")
+    n_slides = None if groups is None else metrics.cluster_codes(groups)[1]
 
     def warn(msg: str) -> None:
         if msg not in warnings:
             warnings.append(msg)
             progress.warn(msg)
 
-    real_feats = {k: extract_features(real, fn, batch_size, progress, f"{k} real") for k, fn in feature_extractors.items()}
+    if n_slides is not None and n_slides < 2:
+        warn(f"all {len(real)} tiles come from 1 slide: no slide-level interval can be had (lo/hi are empty); "
+             "score tiles of several slides")
+    elif n_slides is not None and n_slides < FEW_SLIDES:
+        warn(f"intervals resample only {n_slides} slides: with fewer than {FEW_SLIDES} slides a cluster bootstrap "
+             "is rough (it tends to be too narrow); score more slides")
+
+    real_features = dict(real_features or {})
+    real_feats = {k: (np.asarray(real_features[k], np.float64) if k in real_features
+                      else extract_features(real, fn, batch_size, progress, f"{k} real"))
+                  for k, fn in feature_extractors.items()}
+    features: dict[str, dict[str, np.ndarray]] = {k: {"real": v} for k, v in real_feats.items()}
     models: dict[str, Any] = {}
     per_image: dict[str, dict[str, np.ndarray]] = {}
     for name, fake in fakes.items():
@@ -455,22 +540,36 @@ def score_image_sets(
         is_paired = (paired or {}).get(name, fake.shape == real.shape)
         if is_paired and fake.shape != real.shape:
             raise InputError(f"model {name!r}: {fake.shape} fake vs {real.shape} real images cannot be paired")
-        res: dict[str, Any] = {"n": len(fake), "paired": bool(is_paired), "metrics": {}}
+        by_slide = groups is not None and bool(is_paired)
+        res: dict[str, Any] = {"n": len(fake), "paired": bool(is_paired), "intervals": "slides" if by_slide else "tiles",
+                               "metrics": {}}
+
+        def mean_ci(v: np.ndarray) -> dict[str, float]:
+            if by_slide:
+                return _interval(*metrics.cluster_bootstrap_ci(v, groups, n_boot, seed))
+            return _interval(*metrics.bootstrap_ci(v, n_boot, seed))
+
+        fake_feats: dict[str, np.ndarray] = {}
         for k, fn in feature_extractors.items():
-            ff = extract_features(fake, fn, batch_size, progress, f"{k} {name}")
+            ff = fake_feats[k] = extract_features(fake, fn, batch_size, progress, f"{k} {name}")
+            features[k][name] = ff
             fd = metrics.fd_from_features(real_feats[k], ff, what=f"{k} features")
             if fd.warning:
                 warn(f"{k}: {fd.warning}")
             key = f"boot:{k}:{name}"
-            if min(len(ff), len(real)) < 3:
+            tick = lambda key=key: progress.advance(key)  # noqa: E731
+            if by_slide:
+                progress.start(key, f"{k} slide resamples {name}", fd_boot)
+                lo, hi = metrics.fd_cluster_interval(real_feats[k], ff, groups, None, fd_boot, seed,
+                                                     device=fd_device, callback=tick)
+                progress.finish(key)
+            elif min(len(ff), len(real)) < 3:
                 warn(f"{k}: an FD interval needs at least 3 tiles per set; none given")
                 lo = hi = float("nan")
             else:
                 progress.start(key, f"{k} interval {name}", fd_boot)
-                lo, hi = metrics.fd_interval(
-                    real_feats[k], ff, fd_boot, seed, paired=is_paired, device=fd_device,
-                    callback=lambda key=key: progress.advance(key),
-                )
+                lo, hi = metrics.fd_interval(real_feats[k], ff, fd_boot, seed, paired=is_paired, device=fd_device,
+                                             callback=tick)
                 progress.finish(key)
             res["metrics"][k] = _interval(fd.value, lo, hi)
         if is_paired:
@@ -482,30 +581,40 @@ def score_image_sets(
                 except ValueError as e:
                     raise InputError(f"model {name!r}: {e}") from None
                 per_image[name][k] = v
-                res["metrics"][k] = _interval(*metrics.bootstrap_ci(v, n_boot, seed))
+                res["metrics"][k] = mean_ci(v)
                 progress.advance(f"dist:{name}")
             progress.finish(f"dist:{name}")
+            if "FSD" in fake_feats:  # the paired feature distance, in StainNet's feature space
+                v = per_image[name]["PFD"] = metrics.paired_feature_distance(real_feats["FSD"], fake_feats["FSD"])
+                res["metrics"]["PFD"] = mean_ci(v)
             if np.isinf(per_image[name]["PSNR"]).any():
                 warn(f"{name}: {int(np.isinf(per_image[name]['PSNR']).sum())} tiles equal their real tile (PSNR = inf)")
         models[name] = res
-    return {
+    level = "slides" if groups is not None else "tiles"
+    out = {
         "n_real": int(len(real)),
         "tile_size": [int(real.shape[2]), int(real.shape[3])],
         "models": models,
         "warnings": warnings,
         "settings": {"n_boot": n_boot, "fd_boot": fd_boot, "seed": seed, "level": 0.95,
-                     "fd_interval": f"subsampling without replacement, {metrics.FD_SUBSAMPLE_FRACTION:g} of each set"},
+                     "intervals": level, "n_slides": n_slides, "interval_method": interval_method(level, n_slides),
+                     "fd_interval": (f"slide-level cluster bootstrap, {fd_boot} resamples" if groups is not None else
+                                     f"subsampling without replacement, {metrics.FD_SUBSAMPLE_FRACTION:g} of each set")},
         "per_image": per_image,
     }
+    if return_features:
+        out["features"] = features
+    return out
 
 
 def write_per_image_csv(path: str | Path, results: Mapping[str, Any], names: list[str]) -> None:
-    """One row per (model, tile) with the paired distortion metrics (atomic write)."""
+    """One row per (model, tile) with the paired distortion metrics and PFD when scored (atomic write)."""
     from vstain_cli.provenance import atomic_output
 
-    keys = list(metrics.DISTORTION)
+    per_image = results.get("per_image", {})
+    keys = list(metrics.DISTORTION) + (["PFD"] if any("PFD" in v for v in per_image.values()) else [])
     with atomic_output(path) as tmp, open(tmp, "w") as f:
         f.write(",".join(["model", "tile", *keys]) + "\n")
-        for model, vals in results.get("per_image", {}).items():
+        for model, vals in per_image.items():
             for i, n in enumerate(names):
-                f.write(",".join([model, n, *(f"{vals[k][i]:.6g}" for k in keys)]) + "\n")
+                f.write(",".join([model, n, *(f"{vals[k][i]:.6g}" if k in vals else "" for k in keys)]) + "\n")

@@ -38,8 +38,9 @@ def _ratio_ci(num: np.ndarray, den: np.ndarray, est: float | None, n_slides: int
 
 
 def _mean_ci(est: float, boot: np.ndarray, n_slides: int, level: float) -> dict[str, float]:
+    """{value, lo, hi} of a fraction: the widened percentile interval, kept within [0, 1]."""
     lo, hi = metrics.cluster_interval(est, boot, n_slides, level)
-    return {"value": est, "lo": lo, "hi": hi}
+    return {"value": est, "lo": float(np.clip(lo, 0.0, 1.0)), "hi": float(np.clip(hi, 0.0, 1.0))}
 
 
 def grade_agreement(labels: np.ndarray, groups: list[str] | np.ndarray, real_pred: np.ndarray,
