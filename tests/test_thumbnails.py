@@ -10,7 +10,7 @@ import tifffile
 from PIL import Image
 
 from vstain_cli.infer.wholeslide import MAX_THUMBNAIL, fit_within, write_thumbnail_png
-from vstain_cli.uq.maps import write_overlay_png
+from vstain_cli.uq.heatmap import write_overlay_png
 
 
 def _halves(h: int, w: int) -> np.ndarray:
