@@ -10,6 +10,8 @@ import pytest
 import tifffile
 from conftest import run_cli
 
+from vstain_cli.demo import split_sizes, tiler_fingerprint
+
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_resumes(tmp_path):
@@ -29,13 +31,27 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
         assert json.loads(cal_file.read_text())["samples"] == 2
     else:  # too few val tiles in a tiny demo for the risk bound: said, and the demo goes on
         assert "calibration skipped" in proc.stderr
-    # --export-bundle: the runs as bundled runs, with the recipe that made them
+    # --export-bundle: the runs as bundled runs; bundle.json written entirely from the demo folder
     manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
-    assert manifest["recipe"]["channels"] == 4 and manifest["recipe"]["diffusion_steps"] == 2
+    assert manifest["format_version"] == 2 and manifest["recipe"]["channels"] == 4
+    assert {m: t["steps"] for m, t in manifest["recipe"]["train"].items()} == dict.fromkeys(
+        ("diffusion", "regression", "pix2pix", "stainnet"), 2)
     assert manifest["phantom_fingerprint"] and set(manifest["scores"]) == {"diffusion", "regression", "pix2pix"}
+    assert manifest["dataset"]["splits"] == split_sizes(out / "dataset")
+    assert manifest["dataset"]["index_sha256"] == tiler_fingerprint(out / "dataset")
+    assert sum(s["slides"] for s in manifest["dataset"]["splits"].values()) == 4
+    stages = {s["stage"]: s for s in manifest["stages"]}
+    assert {"synth", "tile", "train diffusion", "train stainnet", "score"} <= set(stages)
+    assert all(s["completed"] and s["resumes"] == [] and s["seconds"] >= 0 for s in stages.values())
+    for model in ("diffusion", "regression", "pix2pix"):  # equal budgets, each exported at its best validation
+        run = manifest["runs"][model]
+        assert run["steps"] == 2 and run["keep"] == "best-val" and run["best_step"] == 2 and run["resumes"] == []
+        assert run["train_seconds"] > 0
     for name in ("phantom-diffusion", "phantom-regression", "phantom-pix2pix", "phantom-stainnet"):
         assert (tmp_path / "bundle" / name / "weights.safetensors").is_file()
+        assert (tmp_path / "bundle" / name / "metrics.jsonl").is_file()  # the training log ships
         assert not (tmp_path / "bundle" / name / "state.pt").exists()
+    assert "2 optimizer steps of batch" in html and "2 optimizer steps of batch" in proc.stdout
     stained = next((out / "stained").glob("*.diffusion.tif"))
     slide = openslide.OpenSlide(str(stained))
     assert slide.dimensions == (256, 256)
@@ -48,6 +64,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "score" / "score.json").stat().st_mtime_ns == before
     assert "vstain score" in proc.stdout  # the summary table again
+    # the rerun found every step done: logged again, but no step counts a resume
+    log = json.loads((out / "demo.json").read_text())["stages"]
+    assert len(log["train diffusion"]) == 2 and all(a["completed"] for a in log["train diffusion"])
 
 
 @pytest.mark.slow

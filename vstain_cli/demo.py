@@ -1,40 +1,55 @@
 """``vstain demo``: the whole pipeline on phantom data, in minutes on a CPU.
 
-synth -> tile -> train (tiny diffusion, regression, pix2pix, StainNet) ->
-calibrate -> stain a test slide (diffusion and regression) -> uncertainty maps
--> score (FSD, L1, L2, PSNR, SSIM; FID when Inception weights are given) ->
-report.html. Every stage skips work that is already done, so an interrupted
-demo resumes where it stopped.
+The stages run in the order of ``STAGES``: data (synth -> tile) -> models
+(the bundled runs, or train diffusion, regression, pix2pix and StainNet) ->
+calibrate -> stain a held-out slide (diffusion and regression) -> uncertainty
+maps -> score (FSD, L1, L2, PSNR, SSIM; FID when Inception weights are given)
+-> report.html. Every stage skips work that is already done, so an interrupted
+demo resumes where it stopped; each attempt of each step (started, seconds,
+completed) is logged in ``demo.json`` and ``--export-bundle`` copies that log,
+the runs' metrics.jsonl and the dataset's split sizes and fingerprint into
+``bundle.json``.
+
+To add a stage (e.g. ``distill``): write ``def _distill(ctx: DemoContext)`` that
+runs its work through ``ctx.timed(name, detail, fn)`` and skips what is done,
+insert ``("distill", _distill)`` into ``STAGES`` after ``models``, and add the
+run it makes to ``infer.bundled.BUNDLED`` so that ``--export-bundle`` ships it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from vstain_cli.errors import InputError, OutputExistsError
 from vstain_cli.progress import NullProgress, Progress, info
 from vstain_cli.provenance import ensure_writable_dir, record, write_json
+
+if TYPE_CHECKING:
+    from vstain_cli.train.presets import Preset
 
 MODELS = ("diffusion", "regression", "pix2pix")
 # demo model name -> preset (models/demo-*.toml)
 PRESETS = {"diffusion": "demo-diffusion", "regression": "demo-regression", "pix2pix": "demo-pix2pix",
            "stainnet": "demo-stainnet"}
 # DemoOptions fields that decide the data and the trained models: bundled runs fit only the same values.
-RECIPE_FIELDS = ("slides", "size", "channels", "mpp", "tile", "diffusion_steps", "baseline_steps",
-                 "stainnet_steps", "seed")
+# (``phantom_seed`` is not one: the runs do not depend on the phantom a demo scores them on.)
+RECIPE_FIELDS = ("slides", "size", "channels", "mpp", "tile", "seed")
+TILE_MIN_TISSUE = 0.5
 
 
 @dataclass
 class DemoOptions:
-    """Sizes of the demo. The defaults are the bundled runs' recipe: 12 phantom slides at
-    1 um/px, 32 px tiles (32 um of tissue, the field of view of the paper's 128 px at 40x)."""
+    """Sizes of the demo. The defaults are the bundled runs' recipe: 40 phantom slides (10 per grade,
+    split 20/8/12 by slide and stratified by grade: 3 test and 2 val slides of every grade) at 1 um/px,
+    32 px tiles (32 um of tissue, the field of view of the paper's 128 px at 40x)."""
 
-    slides: int = 12
+    slides: int = 40
     size: tuple[int, int] = (768, 768)
     channels: int = 26
     mpp: float = 1.0
@@ -53,7 +68,9 @@ class DemoOptions:
     inception_weights: Path | None = None
     device: str = "auto"
     seed: int = 0
+    phantom_seed: int | None = None   # the phantom's seed; None: ``seed`` (another: slides no bundled run saw)
     retrain: bool = False
+    reuse_bundled_calibration: bool = False   # copy the bundled calibration.json instead of calibrating
 
     def check(self) -> None:
         if self.slides < 4:
@@ -62,18 +79,32 @@ class DemoOptions:
             raise InputError(f"--size must be at least 4 tiles ({4 * self.tile} px) per side")
         if self.samples < 2:
             raise InputError("--samples must be at least 2")
+        if self.phantom_seed is not None and self.phantom_seed < 0:
+            raise InputError("--phantom-seed must be >= 0")
+        if self.reuse_bundled_calibration and self.retrain:
+            raise InputError("--reuse-bundled-calibration needs the bundled runs (not --retrain)")
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the phantom this demo makes."""
+        return self.seed if self.phantom_seed is None else self.phantom_seed
 
     def recipe(self) -> dict:
-        """The settings that decide the data and the models (JSON-ready; step counts resolved from the presets)."""
+        """The settings that decide the data and the models (JSON-ready; steps and batch from the presets)."""
         from vstain_cli.train.presets import load_preset
 
         d = asdict(self)
         rec = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in RECIPE_FIELDS}
-        for key, model in (("diffusion_steps", "diffusion"), ("baseline_steps", "regression"),
-                           ("stainnet_steps", "stainnet")):
-            if rec[key] is None:
-                rec[key] = load_preset(PRESETS[model]).train.steps
+        rec["train"] = {name: {"preset": PRESETS[name], "steps": p.train.steps, "batch_size": p.train.batch_size,
+                               "keep": p.train.keep}
+                        for name, p in ((n, self.preset(n, load_preset(PRESETS[n]))) for n in PRESETS)}
         return rec
+
+    def preset(self, name: str, base: Preset) -> Preset:
+        """``base`` (the preset of demo model ``name``) with this demo's steps, batch size and seed."""
+        steps = {"diffusion": self.diffusion_steps, "regression": self.baseline_steps,
+                 "pix2pix": self.baseline_steps, "stainnet": self.stainnet_steps}[name]
+        return base.with_train(seed=self.seed, steps=steps, batch_size=self.batch_size)
 
 
 @dataclass
@@ -86,48 +117,378 @@ class DemoResult:
     score: dict | None = None
     calibration: dict | None = None
     bundled: bool = False
+    calibration_source: str = ""      # "calibrated by this demo" or where a reused calibration came from
+    fresh_phantom: bool = False       # scored on a phantom seed that no bundled run was trained on
+    training: dict[str, dict] = field(default_factory=dict)   # model -> steps, batch, best step (train_summary)
 
 
 Stage = Callable[[str, str], None]
 
 
-def bundle_mismatch(o: DemoOptions) -> str | None:
-    """Why the bundled runs cannot serve options ``o`` (None when they can)."""
+@dataclass
+class DemoContext:
+    """What every stage function of ``STAGES`` gets."""
+
+    o: DemoOptions
+    out: Path
+    progress: Progress
+    res: DemoResult
+    timed: Callable[[str, str, Callable[[], Any]], Any]
+
+    @property
+    def phantom(self) -> Path:
+        return self.out / "phantom"
+
+    @property
+    def dataset(self) -> Path:
+        return self.out / "dataset"
+
+    @property
+    def runs(self) -> Path:
+        return self.out / "runs"
+
+
+# --- the dataset's identity, for the bundle check ---------------------------------------------------------
+
+def split_sizes(dataset: str | Path) -> dict[str, dict[str, int]]:
+    """Slides and patches per split of a tiled dataset (from its dataset.json)."""
+    meta = json.loads((Path(dataset) / "dataset.json").read_text())
+    sizes: dict[str, dict[str, int]] = {}
+    for entry in meta.get("slides", {}).values():
+        s = sizes.setdefault(entry["split"], {"slides": 0, "patches": 0})
+        s["slides"] += 1
+        s["patches"] += int(entry["patches"])
+    return dict(sorted(sizes.items()))
+
+
+def tiler_fingerprint(dataset: str | Path) -> str:
+    """SHA-256 of the tiler's index.csv (every patch: split, slide, position, label, tissue fraction)."""
+    return hashlib.sha256((Path(dataset) / "index.csv").read_bytes()).hexdigest()
+
+
+def bundle_mismatch(o: DemoOptions, dataset: str | Path | None = None, root: Path | None = None) -> str | None:
+    """Why the bundled runs cannot serve options ``o`` (None when they can), in one line.
+
+    With ``dataset`` (the demo's freshly tiled folder) made from the phantom the
+    runs were trained on, its split sizes and index.csv fingerprint must equal
+    the recorded ones; a phantom of another seed is checked by recipe and
+    phantom version only (its slides are new to the runs). ``root``: the bundle
+    folder (default: the installed one).
+    """
     from vstain_cli.infer.bundled import BUNDLED, bundled_path, phantom_fingerprint, read_manifest
 
-    manifest = read_manifest()
-    if manifest is None or any(bundled_path(n) is None for n in BUNDLED.values()):
+    manifest = read_manifest(root)
+    if manifest is None or any(bundled_path(n, root) is None for n in BUNDLED.values()):
         return "this install has no bundled runs"
-    recipe = manifest.get("recipe", {})
-    differ = [k for k, v in o.recipe().items() if recipe.get(k) != v]
+    recipe, mine = manifest.get("recipe", {}), o.recipe()
+    differ = [k for k in sorted(set(recipe) | set(mine)) if recipe.get(k) != mine.get(k)]
     if differ:
-        return "the bundled runs were trained with other settings (" + ", ".join(
-            f"{k} {recipe.get(k)} vs {o.recipe()[k]}" for k in differ) + ")"
+        return "the bundled runs were trained with other settings (" + "; ".join(
+            f"{k} {json.dumps(recipe.get(k))} vs {json.dumps(mine.get(k))}" for k in differ) + ")"
     if manifest.get("phantom_fingerprint") != phantom_fingerprint():
         return ("the bundled runs were trained on another version of the phantom "
                 f"({manifest.get('phantom_version')}); make new ones with `vstain demo --retrain --export-bundle`")
+    data = manifest.get("dataset") or {}
+    if dataset is not None and o.data_seed == manifest.get("phantom_seed", recipe.get("seed")):
+        have, fp = split_sizes(dataset), tiler_fingerprint(dataset)
+        if have != data.get("splits") or fp != data.get("index_sha256"):
+            show = lambda s: "/".join(f"{k} {v['slides']}:{v['patches']}" for k, v in (s or {}).items())  # noqa: E731
+            return (f"the regenerated dataset differs from the one the bundled runs were trained on (slides:patches "
+                    f"{show(data.get('splits'))} vs {show(have)}; index.csv {str(data.get('index_sha256'))[:12]} "
+                    f"vs {fp[:12]}); make new ones with `vstain demo --retrain --export-bundle`")
     return None
 
 
-def copy_bundled_runs(runs: Path) -> None:
-    """Copy the bundled runs into ``runs/NAME`` (the demo's own folders; the install stays untouched)."""
+def copy_bundled_runs(runs: Path, *, calibration: bool = False) -> None:
+    """Copy the bundled runs into ``runs/NAME`` (the demo's own folders; the install stays untouched).
+
+    ``calibration.json`` is copied only with ``calibration=True``: the demo calibrates on its own val slides.
+    """
     from vstain_cli.infer.bundled import BUNDLED, SHIPPED_FILES, bundled_path
+    from vstain_cli.train.run_folder import CALIBRATION_FILE
 
     for name, bundled in BUNDLED.items():
         src, dst = bundled_path(bundled), runs / name
-        if (dst / "weights.safetensors").exists():
-            continue
-        tmp = runs / f".{name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in SHIPPED_FILES:
-            if (src / f).exists():
-                shutil.copy2(src / f, tmp / f)
-        tmp.rename(dst)
+        if not (dst / "weights.safetensors").exists():
+            tmp = runs / f".{name}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for f in SHIPPED_FILES:
+                if (src / f).exists() and f != CALIBRATION_FILE:
+                    shutil.copy2(src / f, tmp / f)
+            tmp.rename(dst)
+        if calibration and (src / CALIBRATION_FILE).exists() and not (dst / CALIBRATION_FILE).exists():
+            shutil.copy2(src / CALIBRATION_FILE, dst / CALIBRATION_FILE)
+
+
+def train_summary(run: str | Path) -> dict[str, Any]:
+    """A trained run's budget and result: steps, batch, kept weights (best step, its val loss), wall seconds
+    spent training, and its resumes (from config.json and metrics.jsonl)."""
+    from vstain_cli.train import run_folder
+
+    run = Path(run)
+    cfg = json.loads((run / run_folder.CONFIG).read_text())
+    t = cfg["preset"]["train"]
+    end = run_folder.end_record(run) or {}
+    resumes = run_folder.resumes(run)
+    return {"preset": cfg["preset"]["name"], "steps": int(end.get("step", t["steps"])),
+            "batch_size": t["batch_size"], "keep": t.get("keep", "last"), "best_step": end.get("best_step"),
+            "best_val_loss": end.get("value"), "train_seconds": end.get("elapsed_s"),
+            "resumes": [{"step": r["step"], "time": r.get("time"), "command": r.get("command")} for r in resumes]}
+
+
+def _training_notes(training: dict[str, dict]) -> list[str]:
+    """One line per model for the report: optimizer steps, batch, the step whose weights were kept."""
+    lines = []
+    for name, t in training.items():
+        kept = (f"exported at its best validation, step {t['best_step']} (val loss {t['best_val_loss']:.4g})"
+                if t.get("best_step") is not None else "exported at its last step")
+        lines.append(f"{name}: {t['steps']} optimizer steps of batch {t['batch_size']}, {kept}")
+    return lines
+
+
+# --- the stages --------------------------------------------------------------------------------------------
+
+def _data(ctx: DemoContext) -> None:
+    """synth and tile the phantom."""
+    from vstain_cli.data.synth.render import synth
+    from vstain_cli.data.tiling import TileOptions, tile
+
+    o, pairs = ctx.o, ctx.phantom / "pairs.csv"
+    if not pairs.exists():
+        ctx.timed("synth", f"{o.slides} phantom slide pairs (seed {o.data_seed}), {o.size[0]}x{o.size[1]} px at "
+                           f"{o.mpp:g} um/px, {o.channels} AF channels",
+                  lambda: synth(ctx.phantom, o.slides, o.size, o.channels, mpp=o.mpp, seed=o.data_seed,
+                                progress=ctx.progress))
+    ctx.res.files["pairs"] = pairs
+    ctx.timed("tile", f"{o.tile} px paired patches ({o.tile * o.mpp:g} um of tissue), split by slide",
+              lambda: tile(pairs, ctx.dataset, TileOptions(size=o.tile, stride=o.tile, min_tissue=TILE_MIN_TISSUE),
+                           workers=2, progress=ctx.progress))
+    ctx.res.files["dataset"] = ctx.dataset
+
+
+def _models(ctx: DemoContext) -> None:
+    """The bundled runs when they fit (copied), else train every model from scratch."""
+    from vstain_cli.infer.bundled import read_manifest
+    from vstain_cli.train.loop import train
+    from vstain_cli.train.presets import load_preset
+
+    o, res = ctx.o, ctx.res
+    why_not = None if o.retrain else bundle_mismatch(o, ctx.dataset)
+    if why_not is None and not o.retrain:
+        ctx.timed("bundled runs", "phantom-trained diffusion, regression, pix2pix and StainNet "
+                                  "(vstain demo --retrain)",
+                  lambda: copy_bundled_runs(ctx.runs, calibration=o.reuse_bundled_calibration))
+        res.bundled = True
+        manifest = read_manifest() or {}
+        res.fresh_phantom = o.data_seed != manifest.get("phantom_seed", manifest.get("recipe", {}).get("seed"))
+        if res.fresh_phantom:
+            info(ctx.progress, f"phantom seed {o.data_seed}: every slide is new to the bundled runs "
+                               f"(trained on seed {manifest.get('phantom_seed')})")
+    else:
+        if o.reuse_bundled_calibration:
+            raise InputError(f"--reuse-bundled-calibration: the bundled runs cannot be used ({why_not})")
+        if not o.retrain:
+            info(ctx.progress, f"training from scratch: {why_not}")
+        for name, preset_name in PRESETS.items():
+            preset = o.preset(name, load_preset(preset_name))
+            ctx.timed(f"train {name}", f"{preset_name}, {preset.train.steps} steps of batch {preset.train.batch_size}",
+                      lambda p=preset, n=name: train(p, ctx.dataset, ctx.runs / n, device=o.device,
+                                                     progress=ctx.progress))
+    for name in PRESETS:
+        res.files[f"run {name}"] = ctx.runs / name
+        if name != "stainnet":
+            res.training[name] = train_summary(ctx.runs / name)
+
+
+def _calibrate(ctx: DemoContext) -> None:
+    """lambda on the val slides (every grade), coverage on the test slides."""
+    from vstain_cli.train.run_folder import CALIBRATION_FILE
+    from vstain_cli.uq.calibrate import CalibrateOptions, calibrate_run
+
+    o, res, diffusion = ctx.o, ctx.res, ctx.runs / "diffusion"
+    if o.reuse_bundled_calibration:
+        res.calibration_source = ("reused from the bundled phantom-diffusion (--reuse-bundled-calibration), "
+                                  "not calibrated on this demo's val slides")
+    elif not (diffusion / CALIBRATION_FILE).exists():
+        copts = CalibrateOptions(samples=o.samples, n=o.calibration_tiles, sampler=o.sampler, steps=o.sample_steps,
+                                 seed=o.seed, batch_size=o.inference_batch, device=o.device)
+        try:
+            ctx.timed("calibrate", f"lambda on {o.calibration_tiles} val tiles x {o.samples} samples",
+                      lambda: calibrate_run(diffusion, ctx.dataset, copts, progress=ctx.progress))
+        except InputError as e:  # e.g. too few val tiles for the risk bound: go on uncalibrated
+            ctx.progress.warn(f"calibration skipped: {e}")
+    if (diffusion / CALIBRATION_FILE).exists():
+        res.calibration = json.loads((diffusion / CALIBRATION_FILE).read_text())
+        res.files["calibration"] = diffusion / CALIBRATION_FILE
+        res.calibration_source = res.calibration_source or "calibrated by this demo on its val slides"
+
+
+def _heldout_pair(folder: Path, o: DemoOptions, progress: Progress) -> tuple[str, Path, Path]:
+    """A phantom pair that no model saw (grade 2, its own seed), small enough to sample many times."""
+    from vstain_cli.data.synth.render import SlideSpec, write_pair
+
+    slide_id = "heldout-000"
+    af, he = folder / f"{slide_id}.af.ome.tif", folder / f"{slide_id}.he.tif"
+    if not (af.exists() and he.exists()):
+        folder.mkdir(parents=True, exist_ok=True)
+        n = max(min(o.heldout_size, *o.size), 4 * o.tile)
+        spec = SlideSpec.random(slide_id, 2, n, n, o.channels, o.mpp, o.data_seed * 100003 + 99991)
+        progress.start(slide_id, f"synth {slide_id} (label 2, held out)", n)
+        write_pair(spec, af, he, workers=1, progress=progress)
+        progress.finish(slide_id)
+    return slide_id, af, he
+
+
+def _stain(ctx: DemoContext) -> None:
+    """Stain a held-out slide with diffusion and regression."""
+    from vstain_cli.infer.stain import StainOptions, stain_slide
+
+    o, res = ctx.o, ctx.res
+    slide_id, af, he = _heldout_pair(ctx.out / "heldout", o, ctx.progress)
+    res.files["held-out slide AF"], res.files["held-out slide H&E"] = af, he
+    for name in ("diffusion", "regression"):
+        target = ctx.out / "stained" / f"{slide_id}.{name}.tif"
+        if not target.exists():
+            sopts = StainOptions(sampler=o.sampler, steps=o.sample_steps, batch_size=o.inference_batch,
+                                 device=o.device, seed=o.seed)
+            ctx.timed(f"stain {name}", f"{slide_id}, a held-out phantom slide, whole slide",
+                      lambda t=target, n=name: stain_slide(af, ctx.runs / n, t, sopts, progress=ctx.progress))
+        res.files[f"stained {name}"] = target
+
+
+def _uncertainty(ctx: DemoContext) -> None:
+    """Calibrated interval maps of the held-out slide."""
+    from vstain_cli.uq.maps import UncertaintyOptions, uncertainty_slide
+
+    o, unc = ctx.o, ctx.out / "uncertainty"
+    slide_id, af, he = _heldout_pair(ctx.out / "heldout", o, ctx.progress)
+    if not unc.exists():
+        uopts = UncertaintyOptions(sampler=o.sampler, steps=o.sample_steps, batch_size=o.inference_batch,
+                                   device=o.device, seed=o.seed, samples=o.samples)
+        ctx.timed("uncertainty", f"{slide_id}, {o.samples} samples per pixel",
+                  lambda: uncertainty_slide(af, ctx.runs / "diffusion", unc, uopts, reference=he,
+                                            progress=ctx.progress))
+    ctx.res.files["uncertainty"] = unc
+
+
+def _score(ctx: DemoContext) -> None:
+    """Every model on the same test tiles and seeds; report.html."""
+    from vstain_cli.score.pipeline import EvaluateOptions, evaluate
+
+    o, res, score_dir = ctx.o, ctx.res, ctx.out / "score"
+    if not (score_dir / "score.json").exists():
+        notes = [*_training_notes(res.training)]
+        if res.calibration_source:
+            notes.append(f"Calibration: {res.calibration_source}.")
+        if res.bundled:
+            notes.append(f"Models: the bundled runs; the phantom (seed {o.data_seed}) is "
+                         + ("new to them: none of its slides was seen in training or model selection."
+                            if res.fresh_phantom else "the one they were trained on; its test slides were held out."))
+        eopts = EvaluateOptions(models=[ctx.runs / m for m in MODELS], data=ctx.dataset,
+                                stainnet=ctx.runs / "stainnet", inception_weights=o.inception_weights,
+                                n=o.score_tiles, seed=o.seed, sampler=o.sampler, steps=o.sample_steps,
+                                batch_size=o.inference_batch, device=o.device, out_dir=score_dir,
+                                uncertainty_samples=o.samples, notes=notes)
+        ctx.timed("score", f"{o.score_tiles} test tiles, same tiles and seeds for every model",
+                  lambda: evaluate(eopts, ctx.progress))
+    res.score = json.loads((score_dir / "score.json").read_text())
+    res.files["report"] = score_dir / "report.html"
+
+
+# The demo's stages, in order (see the module docstring to add one).
+STAGES: list[tuple[str, Callable[[DemoContext], None]]] = [
+    ("data", _data),
+    ("models", _models),
+    ("calibrate", _calibrate),
+    ("stain", _stain),
+    ("uncertainty", _uncertainty),
+    ("score", _score),
+]
+
+
+def run_demo(
+    out: str | Path,
+    options: DemoOptions | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    stage: Stage | None = None,
+) -> DemoResult:
+    """Run every stage of ``STAGES`` on phantom data into ``out``."""
+    o = options or DemoOptions()
+    o.check()
+    progress = progress or NullProgress()
+    stage = stage or (lambda name, detail: None)
+    out = Path(out)
+    if force and out.exists():
+        if not (out / "demo.json").exists() and any(out.iterdir()):
+            raise OutputExistsError("is not a vstain demo folder; refusing to delete it with --force", out)
+        shutil.rmtree(out)
+    ensure_writable_dir(out)
+    res = DemoResult(out)
+    config = {"demo": {**asdict(o), "inception_weights": str(o.inception_weights)}}
+    stages = read_stage_log(out)
+
+    def save() -> None:
+        write_json(out / "demo.json", {**record(config), "seconds": res.seconds, "bundled": res.bundled,
+                                       "fresh_phantom": res.fresh_phantom, "phantom_seed": o.data_seed,
+                                       "calibration_source": res.calibration_source, "training": res.training,
+                                       "stages": stages})
+
+    def timed(name: str, detail: str, fn: Callable[[], Any]) -> Any:
+        stage(name, detail)
+        t = time.perf_counter()
+        # logged before it runs: a step killed outright stays "completed": false (and its rerun is a resume)
+        attempt = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": 0.0, "completed": False}
+        stages.setdefault(name, []).append(attempt)
+        save()
+        try:
+            value = fn()
+            attempt["completed"] = True
+            return value
+        finally:  # interrupted (Ctrl-C, SIGTERM, an error) or done: its wall time so far
+            res.seconds[name] = attempt["seconds"] = time.perf_counter() - t
+            save()
+
+    save()
+    ctx = DemoContext(o, out, progress, res, timed)
+    for _, fn in STAGES:
+        fn(ctx)
+    # how this run went: its stage timings and where the models came from (bench/demo_figures.py --from)
+    save()
+    return res
+
+
+def read_stage_log(out: Path) -> dict[str, list[dict]]:
+    """demo.json's ``stages``: per step, every attempt (started, seconds, completed) of every invocation."""
+    try:
+        stages = json.loads((Path(out) / "demo.json").read_text()).get("stages", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return stages if isinstance(stages, dict) else {}
+
+
+def stage_summary(stages: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """Per logged step, in order: wall seconds summed over its attempts, whether it completed, and its
+    resumes (when each attempt that followed an unfinished one started; a rerun that finds the step done
+    is not a resume). A step killed outright (kill -9) counts 0 s for that attempt."""
+    rows = []
+    for name, attempts in stages.items():
+        resumes = [a["started"] for prev, a in zip(attempts, attempts[1:]) if not prev["completed"]]
+        rows.append({"stage": name, "seconds": round(sum(a["seconds"] for a in attempts), 3),
+                     "completed": bool(attempts and attempts[-1]["completed"]), "resumes": resumes})
+    return rows
 
 
 def export_bundle(res: DemoResult, options: DemoOptions, dest: Path, command: str) -> Path:
-    """Write the demo's runs as bundled runs into ``dest`` (``models/runs``) with ``bundle.json``."""
+    """Write the demo's runs as bundled runs into ``dest`` (``models/runs``) with ``bundle.json``.
+
+    Everything in bundle.json comes from the demo folder: the recipe, the step log
+    (wall seconds and resumes per step), each run's training budget, best step and
+    resumes (its metrics.jsonl ships too), the dataset's split sizes and tiler
+    fingerprint, the scores, the calibration and StainNet's check.
+    """
     from vstain_cli.data.synth.version import PHANTOM_VERSION
     from vstain_cli.infer.bundled import BUNDLE_FILE, BUNDLE_FORMAT, BUNDLED, SHIPPED_FILES, phantom_fingerprint
 
@@ -144,150 +505,16 @@ def export_bundle(res: DemoResult, options: DemoOptions, dest: Path, command: st
                 shutil.copy2(src / f, tmp / f)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-    scores = {m: {k: v for k, v in r["metrics"].items()} for m, r in (res.score or {}).get("models", {}).items()}
-    manifest = {"format": BUNDLE_FORMAT, "format_version": 1, "command": command,
-                "recipe": options.recipe(), "phantom_version": PHANTOM_VERSION,
+    dataset = res.out / "dataset"
+    scores = {m: dict(r["metrics"]) for m, r in (res.score or {}).get("models", {}).items()}
+    runs = {name: {"bundled": bundled, **train_summary(res.out / "runs" / name)} for name, bundled in BUNDLED.items()}
+    manifest = {"format": BUNDLE_FORMAT, "format_version": 2, "command": command,
+                "recipe": options.recipe(), "phantom_seed": options.data_seed, "phantom_version": PHANTOM_VERSION,
                 "phantom_fingerprint": phantom_fingerprint(),
-                "runs": dict(BUNDLED), "seconds": res.seconds, "scores": scores,
-                "calibration": res.calibration, "stainnet": (res.score or {}).get("stainnet"),
+                "dataset": {"splits": split_sizes(dataset), "index_sha256": tiler_fingerprint(dataset),
+                            "tile": {"size": options.tile, "stride": options.tile, "min_tissue": TILE_MIN_TISSUE}},
+                "stages": stage_summary(read_stage_log(res.out)), "runs": runs,
+                "scores": scores, "calibration": res.calibration, "stainnet": (res.score or {}).get("stainnet"),
                 "provenance": record({"demo": options.recipe()})}
     write_json(dest / BUNDLE_FILE, manifest)
     return dest / BUNDLE_FILE
-
-
-def _heldout_pair(folder: Path, o: DemoOptions, progress: Progress) -> tuple[str, Path, Path]:
-    """A phantom pair that no model saw (grade 2, its own seed), small enough to sample many times."""
-    from vstain_cli.data.synth.render import SlideSpec, write_pair
-
-    slide_id = "heldout-000"
-    af, he = folder / f"{slide_id}.af.ome.tif", folder / f"{slide_id}.he.tif"
-    if not (af.exists() and he.exists()):
-        folder.mkdir(parents=True, exist_ok=True)
-        n = max(min(o.heldout_size, *o.size), 4 * o.tile)
-        spec = SlideSpec.random(slide_id, 2, n, n, o.channels, o.mpp, o.seed * 100003 + 99991)
-        progress.start(slide_id, f"synth {slide_id} (label 2, held out)", n)
-        write_pair(spec, af, he, workers=1, progress=progress)
-        progress.finish(slide_id)
-    return slide_id, af, he
-
-
-def run_demo(
-    out: str | Path,
-    options: DemoOptions | None = None,
-    *,
-    force: bool = False,
-    progress: Progress | None = None,
-    stage: Stage | None = None,
-) -> DemoResult:
-    """Run every stage of the pipeline on phantom data into ``out``."""
-    from vstain_cli.data.synth.render import synth
-    from vstain_cli.data.tiling import TileOptions, tile
-    from vstain_cli.infer.stain import StainOptions, stain_slide
-    from vstain_cli.score.pipeline import EvaluateOptions, evaluate
-    from vstain_cli.train.loop import train
-    from vstain_cli.train.presets import load_preset
-    from vstain_cli.train.run_folder import CALIBRATION_FILE
-    from vstain_cli.uq.calibrate import CalibrateOptions, calibrate_run
-    from vstain_cli.uq.maps import UncertaintyOptions, uncertainty_slide
-
-    o = options or DemoOptions()
-    o.check()
-    progress = progress or NullProgress()
-    stage = stage or (lambda name, detail: None)
-    out = Path(out)
-    if force and out.exists():
-        if not (out / "demo.json").exists() and any(out.iterdir()):
-            raise OutputExistsError("is not a vstain demo folder; refusing to delete it with --force", out)
-        shutil.rmtree(out)
-    ensure_writable_dir(out)
-    res = DemoResult(out)
-    config = {"demo": {**asdict(o), "inception_weights": str(o.inception_weights)}}
-    write_json(out / "demo.json", record(config))
-
-    def timed(name: str, detail: str, fn: Callable[[], object]) -> object:
-        stage(name, detail)
-        t = time.perf_counter()
-        value = fn()
-        res.seconds[name] = time.perf_counter() - t
-        return value
-
-    phantom, dataset, runs = out / "phantom", out / "dataset", out / "runs"
-    pairs = phantom / "pairs.csv"
-    if not pairs.exists():
-        timed("synth", f"{o.slides} phantom slide pairs, {o.size[0]}x{o.size[1]} px at {o.mpp:g} um/px, "
-                       f"{o.channels} AF channels",
-              lambda: synth(phantom, o.slides, o.size, o.channels, mpp=o.mpp, seed=o.seed, progress=progress))
-    res.files["pairs"] = pairs
-    timed("tile", f"{o.tile} px paired patches ({o.tile * o.mpp:g} um of tissue), split by slide",
-          lambda: tile(pairs, dataset, TileOptions(size=o.tile, stride=o.tile, min_tissue=0.5), workers=2,
-                       progress=progress))
-    res.files["dataset"] = dataset
-
-    why_not = None if o.retrain else bundle_mismatch(o)
-    if why_not is None and not o.retrain:
-        timed("bundled runs", "phantom-trained diffusion, regression, pix2pix and StainNet (vstain demo --retrain)",
-              lambda: copy_bundled_runs(runs))
-        res.bundled = True
-    else:
-        if not o.retrain:
-            info(progress, f"training from scratch: {why_not}")
-        steps = {"diffusion": o.diffusion_steps, "regression": o.baseline_steps, "pix2pix": o.baseline_steps,
-                 "stainnet": o.stainnet_steps}
-        for name, preset_name in PRESETS.items():
-            preset = load_preset(preset_name)
-            overrides = {"seed": o.seed}
-            if steps[name] is not None:
-                overrides["steps"] = steps[name]
-            if o.batch_size is not None:
-                overrides["batch_size"] = o.batch_size
-            preset = preset.with_train(**overrides)
-            timed(f"train {name}", f"{preset_name}, {preset.train.steps} steps",
-                  lambda p=preset, n=name: train(p, dataset, runs / n, device=o.device, progress=progress))
-    for name in PRESETS:
-        res.files[f"run {name}"] = runs / name
-
-    diffusion = runs / "diffusion"
-    if not (diffusion / CALIBRATION_FILE).exists():
-        copts = CalibrateOptions(samples=o.samples, n=o.calibration_tiles, sampler=o.sampler, steps=o.sample_steps,
-                                 seed=o.seed, batch_size=o.inference_batch, device=o.device)
-        try:
-            timed("calibrate", f"lambda on {o.calibration_tiles} val tiles x {o.samples} samples",
-                  lambda: calibrate_run(diffusion, dataset, copts, progress=progress))
-        except InputError as e:  # e.g. too few val tiles for the risk bound: go on uncalibrated
-            progress.warn(f"calibration skipped: {e}")
-    if (diffusion / CALIBRATION_FILE).exists():
-        res.calibration = json.loads((diffusion / CALIBRATION_FILE).read_text())
-        res.files["calibration"] = diffusion / CALIBRATION_FILE
-
-    slide_id, af, he = _heldout_pair(out / "heldout", o, progress)
-    res.files["held-out slide AF"], res.files["held-out slide H&E"] = af, he
-    for name in ("diffusion", "regression"):
-        target = out / "stained" / f"{slide_id}.{name}.tif"
-        if not target.exists():
-            sopts = StainOptions(sampler=o.sampler, steps=o.sample_steps, batch_size=o.inference_batch, device=o.device,
-                                 seed=o.seed)
-            timed(f"stain {name}", f"{slide_id}, a held-out phantom slide, whole slide",
-                  lambda t=target, n=name: stain_slide(af, runs / n, t, sopts, progress=progress))
-        res.files[f"stained {name}"] = target
-    unc = out / "uncertainty"
-    if not unc.exists():
-        uopts = UncertaintyOptions(sampler=o.sampler, steps=o.sample_steps, batch_size=o.inference_batch,
-                                   device=o.device, seed=o.seed, samples=o.samples)
-        timed("uncertainty", f"{slide_id}, {o.samples} samples per pixel",
-              lambda: uncertainty_slide(af, diffusion, unc, uopts, reference=he,
-                                        progress=progress))
-    res.files["uncertainty"] = unc
-
-    score_dir = out / "score"
-    if not (score_dir / "score.json").exists():
-        eopts = EvaluateOptions(models=[runs / m for m in MODELS], data=dataset, stainnet=runs / "stainnet",
-                                inception_weights=o.inception_weights, n=o.score_tiles, seed=o.seed,
-                                sampler=o.sampler, steps=o.sample_steps, batch_size=o.inference_batch,
-                                device=o.device, out_dir=score_dir, uncertainty_samples=o.samples)
-        timed("score", f"{o.score_tiles} test tiles, same tiles and seeds for every model",
-              lambda: evaluate(eopts, progress))
-    res.score = json.loads((score_dir / "score.json").read_text())
-    res.files["report"] = score_dir / "report.html"
-    # how this run went: its stage timings and where the models came from (bench/demo_figures.py --from)
-    write_json(out / "demo.json", {**record(config), "seconds": res.seconds, "bundled": res.bundled})
-    return res

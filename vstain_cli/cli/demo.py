@@ -21,7 +21,7 @@ from vstain_cli.cli.common import (
 @handles_errors
 def demo(
     out_dir: Path = typer.Argument(Path("vstain-demo"), metavar="OUT", help="Folder for everything the demo makes."),
-    slides: int = typer.Option(12, "--slides", help="Phantom slide pairs."),
+    slides: int = typer.Option(40, "--slides", help="Phantom slide pairs (40: split by slide and grade into 20 train, 8 val and 12 test slides, every grade in each)."),
     size: Tuple[int, int] = typer.Option((768, 768), "--size", metavar="H W", help="Slide height and width in px."),
     channels: int = typer.Option(26, "--channels", help="AF channels."),
     mpp: float = typer.Option(1.0, "--mpp", help="Phantom microns per pixel (1.0: a 32 px tile covers 32 um, the field of view of the paper's 128 px at 40x)."),
@@ -31,6 +31,8 @@ def demo(
     diffusion_steps: Optional[int] = typer.Option(None, "--diffusion-steps", min=1, help="Training steps of the diffusion model (default: models/demo-diffusion.toml)."),
     baseline_steps: Optional[int] = typer.Option(None, "--baseline-steps", min=1, help="Training steps of regression and pix2pix (default: their presets)."),
     stainnet_steps: Optional[int] = typer.Option(None, "--stainnet-steps", min=1, help="Training steps of StainNet (default: its preset)."),
+    phantom_seed: Optional[int] = typer.Option(None, "--phantom-seed", min=0, help="Make the phantom with this seed instead of --seed: with the bundled runs, every slide scored is one no run was trained or selected on."),
+    reuse_bundled_calibration: bool = typer.Option(False, "--reuse-bundled-calibration", help="Use the bundled diffusion's calibration.json instead of calibrating on this demo's val slides (the report says so)."),
     samples: int = typer.Option(8, "--samples", help="Diffusion samples per pixel (calibration, uncertainty)."),
     sample_steps: int = typer.Option(10, "--sample-steps", min=1, help="DPM-Solver++(2M) steps for every diffusion sample of the demo."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pt_inception-2015-12-05 weights file: adds FID."),
@@ -54,7 +56,8 @@ def demo(
     options = DemoOptions(slides=slides, size=(int(size[0]), int(size[1])), channels=channels, mpp=mpp, tile=tile,
                           diffusion_steps=diffusion_steps, baseline_steps=baseline_steps,
                           stainnet_steps=stainnet_steps, samples=samples, sample_steps=sample_steps,
-                          inception_weights=inception_weights, device=device, seed=seed, retrain=retrain)
+                          inception_weights=inception_weights, device=device, seed=seed, retrain=retrain,
+                          phantom_seed=phantom_seed, reuse_bundled_calibration=reuse_bundled_calibration)
     t0 = time.perf_counter()
 
     with RichProgress() as progress:
@@ -63,6 +66,11 @@ def demo(
     stage_line("done", f"{time.perf_counter() - t0:.0f} s")
     if res.score:
         print_score_table(res.score)
+    for name, t in res.training.items():
+        kept = f", best validation at step {t['best_step']}" if t.get("best_step") is not None else ""
+        out.print(f"{name}: {t['steps']} optimizer steps of batch {t['batch_size']}{kept}", highlight=False)
+    if res.calibration_source:
+        out.print(f"calibration: {res.calibration_source}", highlight=False)
     if res.calibration:
         c = res.calibration
         cov = (c.get("test_coverage") or {}).get("coverage")

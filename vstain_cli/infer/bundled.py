@@ -1,10 +1,13 @@
 """Runs that ship with vstain: phantom-trained models resolvable by name.
 
 ``models/runs/NAME/`` (installed as ``vstain_cli.presets/runs/NAME``) holds a
-run folder without its resume state (``config.json``, ``weights.safetensors``
-and, for diffusion, ``calibration.json``). ``models/runs/bundle.json`` records
-the command that made them, the phantom generator's version and a fingerprint
-of its pixels, and the scores the demo measured with them. Anywhere a run
+run folder without its resume state (``config.json``, ``weights.safetensors``,
+``metrics.jsonl`` and, for diffusion, ``calibration.json``).
+``models/runs/bundle.json``, written by ``vstain demo --retrain --export-bundle``
+and never by hand, records the command that made them, the recipe, the phantom
+generator's version and a fingerprint of its pixels, the dataset's split sizes
+and tiler fingerprint, each step's wall time and resumes, each run's steps and
+best step, and the scores the demo measured with them. Anywhere a run
 folder is accepted, a bundled name (``phantom-diffusion``) works too, unless a
 folder of that name exists in the working directory.
 """
@@ -25,7 +28,7 @@ PREFIX = "phantom-"
 # The demo's model names -> bundled run names.
 BUNDLED = {"diffusion": "phantom-diffusion", "regression": "phantom-regression", "pix2pix": "phantom-pix2pix",
            "stainnet": "phantom-stainnet"}
-SHIPPED_FILES = ("config.json", "weights.safetensors", "calibration.json")
+SHIPPED_FILES = ("config.json", "weights.safetensors", "metrics.jsonl", "calibration.json")
 
 
 def bundle_root() -> Path:
@@ -41,18 +44,19 @@ def bundled_names() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
 
 
-def bundled_path(name: str | Path) -> Path | None:
-    """The bundled run folder called ``name``, or None when ``name`` is a path or not bundled."""
+def bundled_path(name: str | Path, root: Path | None = None) -> Path | None:
+    """The bundled run folder called ``name`` (in ``root``, default ``bundle_root()``), or None when ``name`` is
+    a path or not bundled."""
     text = str(name)
     if "/" in text or "\\" in text or Path(text).exists():
         return None
-    path = bundle_root() / text
+    path = (root or bundle_root()) / text
     return path if (path / "config.json").is_file() else None
 
 
-def read_manifest() -> dict[str, Any] | None:
-    """``bundle.json`` of the bundled runs, or None when none ship."""
-    path = bundle_root() / BUNDLE_FILE
+def read_manifest(root: Path | None = None) -> dict[str, Any] | None:
+    """``bundle.json`` of the bundled runs (in ``root``, default ``bundle_root()``), or None when none ship."""
+    path = (root or bundle_root()) / BUNDLE_FILE
     if not path.is_file():
         return None
     return json.loads(path.read_text())
