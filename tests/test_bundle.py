@@ -110,3 +110,22 @@ def test_bundle_check_compares_split_sizes_and_the_tilers_output(tmp_path):
     assert bundle_mismatch(fresh, other, root) is None
     assert "other settings" in bundle_mismatch(DemoOptions(slides=8, size=(256, 256), channels=4, tile=64,
                                                            phantom_seed=7), other, root)
+
+
+def test_the_demo_calibrates_unless_told_to_reuse_the_bundled_calibration(tmp_path):
+    from vstain_cli.demo import DemoOptions, copy_bundled_runs
+    from vstain_cli.errors import InputError
+
+    root = tmp_path / "bundle"
+    for name in BUNDLED.values():
+        (root / name).mkdir(parents=True)
+        for f in ("config.json", "weights.safetensors", "metrics.jsonl"):
+            (root / name / f).write_text(f"{name} {f}")
+    (root / "phantom-diffusion" / "calibration.json").write_text("{}")
+    copy_bundled_runs(tmp_path / "a" / "runs", root=root)
+    assert (tmp_path / "a" / "runs" / "stainnet" / "metrics.jsonl").read_text() == "phantom-stainnet metrics.jsonl"
+    assert not (tmp_path / "a" / "runs" / "diffusion" / "calibration.json").exists()  # the demo calibrates
+    copy_bundled_runs(tmp_path / "b" / "runs", calibration=True, root=root)
+    assert (tmp_path / "b" / "runs" / "diffusion" / "calibration.json").read_text() == "{}"
+    with pytest.raises(InputError, match="--reuse-bundled-calibration needs the bundled runs"):
+        DemoOptions(retrain=True, reuse_bundled_calibration=True).check()

@@ -199,8 +199,9 @@ def bundle_mismatch(o: DemoOptions, dataset: str | Path | None = None, root: Pat
     return None
 
 
-def copy_bundled_runs(runs: Path, *, calibration: bool = False) -> None:
-    """Copy the bundled runs into ``runs/NAME`` (the demo's own folders; the install stays untouched).
+def copy_bundled_runs(runs: Path, *, calibration: bool = False, root: Path | None = None) -> None:
+    """Copy the bundled runs (of ``root``, default the installed ones) into ``runs/NAME`` (the demo's own
+    folders; the install stays untouched).
 
     ``calibration.json`` is copied only with ``calibration=True``: the demo calibrates on its own val slides.
     """
@@ -208,7 +209,7 @@ def copy_bundled_runs(runs: Path, *, calibration: bool = False) -> None:
     from vstain_cli.train.run_folder import CALIBRATION_FILE
 
     for name, bundled in BUNDLED.items():
-        src, dst = bundled_path(bundled), runs / name
+        src, dst = bundled_path(bundled, root), runs / name
         if not (dst / "weights.safetensors").exists():
             tmp = runs / f".{name}.partial"
             shutil.rmtree(tmp, ignore_errors=True)
