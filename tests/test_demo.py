@@ -27,8 +27,11 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     html = (out / "score" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2
     cal_file = out / "runs" / "diffusion" / "calibration.json"
-    if cal_file.exists():
-        assert json.loads(cal_file.read_text())["samples"] == 2
+    if cal_file.exists():  # calibrated here (not copied), with the trivial band around regression and two scales
+        cal = json.loads(cal_file.read_text())
+        assert cal["samples"] == 2 and "baseline_run" in cal["baselines"]
+        assert [s["scale_um"] for s in cal["scales"]] == [4.0, 16.0]
+        assert "calibrated by this demo on its val slides" in proc.stdout
     else:  # too few val tiles in a tiny demo for the risk bound: said, and the demo goes on
         assert "calibration skipped" in proc.stderr
     # --export-bundle: the runs as bundled runs; bundle.json written entirely from the demo folder

@@ -63,6 +63,7 @@ class DemoOptions:
     sample_steps: int = 10
     samples: int = 8            # diffusion samples per pixel for calibration and uncertainty
     calibration_tiles: int = 200
+    calibration_scales: tuple[float, ...] = (4.0, 16.0)   # structure scales (um) calibrated next to pixels
     score_tiles: int = 512
     heldout_size: int = 384     # the held-out phantom slide that stain and uncertainty work on
     inception_weights: Path | None = None
@@ -303,7 +304,8 @@ def _models(ctx: DemoContext) -> None:
 
 
 def _calibrate(ctx: DemoContext) -> None:
-    """lambda on the val slides (every grade), coverage on the test slides."""
+    """lambda on the val slides (every grade), coverage on the test slides; the trivial band around the
+    regression output and the structure scales alongside."""
     from vstain_cli.train.run_folder import CALIBRATION_FILE
     from vstain_cli.uq.calibrate import CalibrateOptions, calibrate_run
 
@@ -313,7 +315,8 @@ def _calibrate(ctx: DemoContext) -> None:
                                   "not calibrated on this demo's val slides")
     elif not (diffusion / CALIBRATION_FILE).exists():
         copts = CalibrateOptions(samples=o.samples, n=o.calibration_tiles, sampler=o.sampler, steps=o.sample_steps,
-                                 seed=o.seed, batch_size=o.inference_batch, device=o.device)
+                                 seed=o.seed, batch_size=o.inference_batch, device=o.device,
+                                 baseline=str(ctx.runs / "regression"), scales=tuple(o.calibration_scales))
         try:
             ctx.timed("calibrate", f"lambda on {o.calibration_tiles} val tiles x {o.samples} samples",
                       lambda: calibrate_run(diffusion, ctx.dataset, copts, progress=ctx.progress))
