@@ -170,11 +170,8 @@ def tiler_fingerprint(dataset: str | Path) -> str:
 def bundle_mismatch(o: DemoOptions, dataset: str | Path | None = None, root: Path | None = None) -> str | None:
     """Why the bundled runs cannot serve options ``o`` (None when they can), in one line.
 
-    With ``dataset`` (the demo's freshly tiled folder) made from the phantom the
-    runs were trained on, its split sizes and index.csv fingerprint must equal
-    the recorded ones; a phantom of another seed is checked by recipe and
-    phantom version only (its slides are new to the runs). ``root``: the bundle
-    folder (default: the installed one).
+    Checks the recipe and the phantom's version, then ``bundle_dataset_mismatch``
+    when ``dataset`` is given. ``root``: the bundle folder (default: the installed one).
     """
     from vstain_cli.infer.bundled import BUNDLED, bundled_path, phantom_fingerprint, read_manifest
 
@@ -189,8 +186,18 @@ def bundle_mismatch(o: DemoOptions, dataset: str | Path | None = None, root: Pat
     if manifest.get("phantom_fingerprint") != phantom_fingerprint():
         return ("the bundled runs were trained on another version of the phantom "
                 f"({manifest.get('phantom_version')}); make new ones with `vstain demo --retrain --export-bundle`")
+    return None if dataset is None else bundle_dataset_mismatch(o, dataset, root)
+
+
+def bundle_dataset_mismatch(o: DemoOptions, dataset: str | Path, root: Path | None = None) -> str | None:
+    """On the phantom seed the bundled runs were trained on: why the regenerated ``dataset`` is not the one
+    they were trained on (split sizes or the tiler's index.csv fingerprint differ), else None. A phantom of
+    another seed is not compared (its slides are new to the runs)."""
+    from vstain_cli.infer.bundled import read_manifest
+
+    manifest = read_manifest(root) or {}
     data = manifest.get("dataset") or {}
-    if dataset is not None and o.data_seed == manifest.get("phantom_seed", recipe.get("seed")):
+    if o.data_seed == manifest.get("phantom_seed", manifest.get("recipe", {}).get("seed")):
         have, fp = split_sizes(dataset), tiler_fingerprint(dataset)
         if have != data.get("splits") or fp != data.get("index_sha256"):
             show = lambda s: "/".join(f"{k} {v['slides']}:{v['patches']}" for k, v in (s or {}).items())  # noqa: E731
@@ -276,8 +283,11 @@ def _models(ctx: DemoContext) -> None:
     from vstain_cli.train.presets import load_preset
 
     o, res = ctx.o, ctx.res
-    why_not = None if o.retrain else bundle_mismatch(o, ctx.dataset)
+    why_not = None if o.retrain else bundle_mismatch(o)
     if why_not is None and not o.retrain:
+        stale = bundle_dataset_mismatch(o, ctx.dataset)
+        if stale:  # same recipe, other data: the bundle is stale (a changed tiler or phantom), refuse it
+            raise InputError(f"{stale}, or pass --retrain", ctx.dataset / "index.csv")
         ctx.timed("bundled runs", "phantom-trained diffusion, regression, pix2pix and StainNet "
                                   "(vstain demo --retrain)",
                   lambda: copy_bundled_runs(ctx.runs, calibration=o.reuse_bundled_calibration))
