@@ -1,4 +1,4 @@
-"""``vstain calibrate``: calibrate a diffusion run's uncertainty intervals (RCPS) on the val split."""
+"""``vstain calibrate``: calibrate a diffusion or interval run's uncertainty intervals (RCPS) on the val split."""
 
 from __future__ import annotations
 
@@ -21,24 +21,27 @@ from vstain_cli.cli.common import (
 )
 
 BAND_LABELS = {"sample_mean": "band +-c around the diffusion sample mean",
+               "midpoint": "band +-c around the interval run's midpoint",
                "baseline_run": "band +-c around the {kind} output"}
+MODEL_LABELS = {"samples": "diffusion interval", "bounds": "interval run's interval"}
 
 
 def _band_label(name: str, entry: dict) -> str:
     return BAND_LABELS[name].format(kind=entry.get("model_kind", "baseline"))
 
 
-def _verdicts(baselines: dict, diffusion_test: dict | None, where: str = "") -> None:
-    """One line per trivial band: is the diffusion interval narrower at the same test coverage?"""
+def _verdicts(baselines: dict, model_test: dict | None, where: str = "", source: str = "samples") -> None:
+    """One line per trivial band: is the run's interval narrower at the same test coverage?"""
+    label = MODEL_LABELS[source]
     for name, b in baselines.items():
         m = b.get("matched")
-        if diffusion_test is None or not m:
+        if model_test is None or not m:
             continue
         verdict = "narrower" if b["diffusion_narrower"] else "[yellow]NOT narrower[/]"
-        out.print(f"{where}diffusion interval is {verdict} than the {_band_label(name, b)} at the same test "
-                  f"coverage: width {diffusion_test['mean_width_255']:.1f} vs {m['mean_width_255']:.1f} "
-                  f"(band c = {m['c']:g} reaches coverage {m['coverage']:.1%}; the diffusion interval "
-                  f"{diffusion_test['coverage']:.1%})", highlight=False)
+        out.print(f"{where}{label} is {verdict} than the {_band_label(name, b)} at the same test "
+                  f"coverage: width {model_test['mean_width_255']:.1f} vs {m['mean_width_255']:.1f} "
+                  f"(band c = {m['c']:g} reaches coverage {m['coverage']:.1%}; the {label} "
+                  f"{model_test['coverage']:.1%})", highlight=False)
 
 
 def _print_table(result) -> None:
@@ -47,15 +50,16 @@ def _print_table(result) -> None:
 
     from vstain_cli.diffusion.samplers import protocol_label
 
-    cal, test = result.calibration, result.test
-    t = Table(title=f"vstain calibrate: {cal.n} calibration tiles x {cal.samples} samples "
-                    f"({protocol_label(result.sampling)}), alpha = {cal.alpha:g}, delta = {cal.delta:g}, "
-                    f"{cal.interval} interval", title_justify="left")
+    cal, test, source = result.calibration, result.test, result.source
+    how = (f"x {cal.samples} samples ({protocol_label(result.sampling)})" if source == "samples" else
+           "(interval run: bounds in one network call per tile)")
+    t = Table(title=f"vstain calibrate: {cal.n} calibration tiles {how}, alpha = {cal.alpha:g}, "
+                    f"delta = {cal.delta:g}, {cal.interval} interval", title_justify="left")
     for col in ("interval", "lambda / c", "val risk", "UCB", "test coverage", "mean interval width (0-255)"):
         t.add_column(col, justify="right")
     coverage = "n/a" if test is None else f"{test['coverage']:.1%} ({test['n']} tiles)"
     width = "n/a" if test is None else f"{test['mean_width_255']:.1f}"
-    t.add_row(f"diffusion ({cal.interval})", f"{cal.lam:.2f}", f"{cal.risk:.2%}", f"{cal.ucb:.2%} (< {cal.alpha:.0%})",
+    t.add_row(f"{'diffusion' if source == 'samples' else 'interval run'} ({cal.interval})", f"{cal.lam:.2f}", f"{cal.risk:.2%}", f"{cal.ucb:.2%} (< {cal.alpha:.0%})",
               coverage, width)
     for name, b in result.baselines.items():
         if "error" in b:
@@ -66,7 +70,7 @@ def _print_table(result) -> None:
                   "n/a" if bt is None else f"{bt['coverage']:.1%}",
                   f"{bt['mean_width_255']:.1f}" if bt else f"{b['val_mean_width_255']:.1f} (val)")
     out.print(t)
-    _verdicts(result.baselines, test)
+    _verdicts(result.baselines, test, source=source)
     for form, f in result.forms.items():
         if form != cal.interval:
             fc = f.get("test_coverage")
@@ -74,7 +78,8 @@ def _print_table(result) -> None:
                      f"{fc['mean_width_255']:.1f} (0-255)" if fc else "")) if "lam" in f else f["error"]
             out.print(f"{form} form, same draws (not used): {other}", highlight=False)
     if result.scales:
-        st = Table(title=f"structure scales: block means of the samples and of the H&E, {cal.interval} interval",
+        what = "samples" if source == "samples" else "bounds"
+        st = Table(title=f"structure scales: block means of the {what} and of the H&E, {cal.interval} interval",
                    title_justify="left")
         for col in ("scale (µm)", "block (px)", "lambda", "val risk", "test coverage", "mean width (0-255)",
                     *[f"{_band_label(nm, b)}: width" for nm, b in result.baselines.items()]):
@@ -92,7 +97,7 @@ def _print_table(result) -> None:
         out.print(st)
         for s in result.scales:
             if "error" not in s:
-                _verdicts(s["baselines"], s["test_coverage"], f"at {s['scale_um']:g} µm: ")
+                _verdicts(s["baselines"], s["test_coverage"], f"at {s['scale_um']:g} µm: ", source)
     used = result.slides.get("calibration") or {}
     if used:
         out.print(f"calibration tiles from {len(used['slides'])} {used['split']} slides of grades "
@@ -109,18 +114,19 @@ def _print_table(result) -> None:
 
 @handles_errors
 def calibrate(
-    model: Path = typer.Option(..., "--model", "-m", help="Trained diffusion run folder (runs/NAME), or the bundled phantom-diffusion."),
+    model: Path = typer.Option(..., "--model", "-m", help="Trained diffusion run folder (runs/NAME), the bundled phantom-diffusion, or an interval run of `vstain distill --intervals` (its bounds, one network call per tile)."),
     data: Path = typer.Option(..., "--data", "-d", help="Dataset folder written by `vstain tile`."),
     split: str = typer.Option("val", "--split", help="Split to calibrate on (never train)."),
     test_split: str = typer.Option("test", "--test-split", help="Split for the held-out coverage check ('none' to skip)."),
-    samples: int = typer.Option(20, "--samples", help="Diffusion samples per tile (paper: 20)."),
+    samples: int = typer.Option(20, "--samples", help="Diffusion samples per tile (paper: 20; an interval run draws none)."),
     n: int = typer.Option(200, "--n", help="Tiles per split, evenly spread over it."),
     alpha: float = typer.Option(0.1, "--alpha", help="Risk level: at most this fraction of pixels outside."),
     delta: float = typer.Option(0.1, "--delta", help="Failure probability of the guarantee."),
-    interval: str = typer.Option("multiplicative", "--interval", metavar="FORM",
-                                 help="How lambda scales the interval: multiplicative ([l/lambda, u*lambda] on "
-                                      "[0, 1], Conffusion, the paper's) or centered (around the sample median, "
-                                      "im2im-uq)."),
+    interval: Optional[str] = typer.Option(None, "--interval", metavar="FORM",
+                                           help="How lambda scales the interval: multiplicative ([l/lambda, "
+                                                "u*lambda] on [0, 1], Conffusion, the paper's; the default for a "
+                                                "diffusion run) or centered (around the sample median, im2im-uq; "
+                                                "around the midpoint of an interval run's bounds, its default)."),
     lambda_max: float = typer.Option(10.0, "--lambda-max", metavar="FLOAT",
                                      help="Upper end of the lambda grid searched (0.00, 0.01, ..., this; 1-100). "
                                           "Raise it when no lambda keeps the risk below alpha."),

@@ -27,6 +27,14 @@ The same draws also give, by the same RCPS at the same alpha and delta:
 * intervals at structure scale (``scales``): lambda of the quantile interval of
   block means over ``s`` x ``s`` µm blocks, for each ``scales`` entry.
 
+An interval run (``vstain distill --intervals``, Conffusion-style: lower and upper
+bounds in one network call) is calibrated the same way with the interval source
+"bounds" (``intervals.IntervalSource``): step 1 is one ``Run.interval`` call per
+batch instead of N samples, lambda scales [lower, upper] around its midpoint
+(centered by default: the width times lambda), the trivial band is centred on the
+run's midpoint, and a structure scale calibrates the block means of the bounds.
+calibration.json records ``source: "bounds"`` and no sampler, steps or samples.
+
 The sampling protocol (sampler, effective steps and eta, ``--protocol``) and the
 slides and grades used are recorded. The result is written atomically to
 ``RUN/calibration.json``, which ``vstain uncertainty`` picks up by default.
@@ -57,6 +65,7 @@ from vstain_cli.provenance import ensure_writable_dir, fingerprint, record, writ
 from vstain_cli.train.run_folder import CALIBRATION_FILE, WEIGHTS
 from vstain_cli.uq.intervals import (
     DEFAULT_FORM,
+    DEFAULT_FORMS,
     DEFAULT_LAMBDA_MAX,
     FORMS,
     Calibration,
@@ -71,7 +80,9 @@ WIDTH_UNIT = "0-255 RGB; mean per-pixel width of the interval clipped to 0-255"
 LAMBDA_MAX_LIMIT = 100.0  # grid points (0.01 apart) x tiles x forms stay a few tens of MB
 MIN_CALIBRATION_SLIDES = 4  # fewer slides (or missing grades) in the calibration split: a warning
 BASELINE_KINDS = ("regression", "pix2pix")
-BANDS = ("sample_mean", "baseline_run")  # what the trivial band is centred on
+BANDS = ("sample_mean", "baseline_run")  # what the trivial band is centred on (a diffusion run)
+POINT_BAND = {"samples": "sample_mean", "bounds": "midpoint"}  # the band around the run's own point
+INTERVAL_KIND = "interval"  # Run.kind of a one-pass interval run (`vstain distill --intervals`)
 
 UNIT_TO_255 = 127.5  # [-1, 1] model space -> 0-255 RGB units (widths of intervals clipped to [-1, 1])
 
@@ -92,7 +103,7 @@ class CalibrateOptions:
     steps: int | None = None
     eta: float = 0.0
     protocol: str = "fast"
-    interval: str = DEFAULT_FORM
+    interval: str | None = DEFAULT_FORM  # None: the source's default (multiplicative samples, centered bounds)
     lambda_max: float = DEFAULT_LAMBDA_MAX  # upper end of the lambda grid searched (0.00, 0.01, ..., lambda_max)
     seed: int = 0
     batch_size: int = 16
@@ -103,7 +114,7 @@ class CalibrateOptions:
     def check(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise InputError(f"unknown --protocol {self.protocol!r} (choose from {', '.join(PROTOCOLS)})")
-        if self.interval not in FORMS:
+        if self.interval is not None and self.interval not in FORMS:
             raise InputError(f"unknown --interval {self.interval!r} (choose from {', '.join(FORMS)})")
         if self.samples < 2:
             raise InputError(f"--samples must be at least 2 (quantiles need a spread), got {self.samples}")
@@ -145,6 +156,7 @@ class CalibrateResult:
     scales: list[dict[str, Any]] = field(default_factory=list)  # one record per structure scale
     slides: dict[str, Any] = field(default_factory=dict)     # slides and grades of the splits used
     warnings: list[str] = field(default_factory=list)
+    source: str = "samples"  # "samples" (a diffusion run) or "bounds" (a one-pass interval run)
 
 
 @dataclass(frozen=True)
@@ -157,8 +169,9 @@ class Scale:
 
 
 def check_compatible(run: Run, info: DatasetInfo, *, diffusion: bool = True) -> None:
-    """A (diffusion) run whose channels and tile size match the dataset."""
-    if diffusion:
+    """A run (with ``diffusion``: one that gives an interval, a diffusion or interval run) whose channels and
+    tile size match the dataset."""
+    if diffusion and run.kind != INTERVAL_KIND:
         require_diffusion(run)
     if info.channels != run.channels:
         raise InputError(f"dataset has {info.channels} AF channels but model {run.path.name} was trained on "
@@ -266,6 +279,22 @@ def sample_batches(run: Run, info: DatasetInfo, keys: list[tuple[str, int]], opt
     progress.finish(label)
 
 
+def bound_batches(run: Run, info: DatasetInfo, keys: list[tuple[str, int]], options: CalibrateOptions,
+                  progress: Progress, label: str, baseline: Run | None = None
+                  ) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, np.ndarray], np.ndarray | None]]:
+    """Per batch of ``keys``: (target, (lower, upper) of the interval run in one call, baseline output or None),
+    in [-1, 1]. Deterministic: no noise is drawn."""
+    progress.start(label, f"{label}: {len(keys)} tiles, one network call each", len(keys))
+    for af, he in _batches(info, keys, options.batch_size):
+        lo, hi = run.interval(torch.from_numpy(run.normalize(af)))
+        point = None
+        if baseline is not None:
+            point = baseline.translate(torch.from_numpy(baseline.normalize(af))).float().cpu().numpy()
+        progress.advance(label, len(af))
+        yield he_to_unit(he), (lo.cpu().numpy(), hi.cpu().numpy()), point
+    progress.finish(label)
+
+
 def _merge_reports(parts: list[dict[str, float]]) -> dict[str, float]:
     """Combine per-batch coverage_report dicts (image-weighted means; equal tile sizes)."""
     n = sum(p["n"] for p in parts)
@@ -298,30 +327,41 @@ def _cal_record(cal: Calibration) -> dict[str, Any]:
 
 
 class _Level:
-    """Risk tables of one block size (1 px: per pixel) on one split: the sample forms and the bands."""
+    """Risk tables of one block size (1 px: per pixel) on one split: the run's interval in each form, and the bands.
 
-    def __init__(self, block_px: int, forms: tuple[str, ...], options: CalibrateOptions, bands: tuple[str, ...]):
-        self.block_px = block_px
-        self.samples = {f: RiskTable(IntervalSource("samples", f, options.q_low, options.q_high,
-                                                    options.lambda_max)) for f in forms}
+    ``kind`` is the interval source: "samples" (draws (N, B, 3, S, S) of a diffusion
+    run) or "bounds" ((lower, upper) of a one-pass interval run).
+    """
+
+    def __init__(self, block_px: int, kind: str, forms: tuple[str, ...], options: CalibrateOptions,
+                 bands: tuple[str, ...]):
+        self.block_px, self.kind = block_px, kind
+        self.forms = {f: RiskTable(IntervalSource(kind, f, options.q_low, options.q_high, options.lambda_max))
+                      for f in forms}
         self.bands = {b: RiskTable(IntervalSource("band")) for b in bands}
         self.parts: dict[str, list[dict[str, float]]] = {f: [] for f in forms}  # held-out reports
 
-    def add(self, target: np.ndarray, draws: np.ndarray, point: np.ndarray | None,
+    def add(self, target: np.ndarray, data: Any, point: np.ndarray | None,
             cals: dict[str, Calibration] | None = None, alpha: float = 0.1) -> None:
-        """One batch: its block means, their quantile interval, risks of every form and band.
+        """One batch: its block means, the base interval (lambda = 1), risks of every form and band.
 
         With ``cals`` (the held-out pass), each form's coverage at its calibrated lambda is kept too.
         """
-        t, d = block_means(target, self.block_px), block_means(draws, self.block_px)
-        src = next(iter(self.samples.values())).source
-        lo, hi, med, mean = sample_quantiles(d, src.q_low, src.q_high)
-        for f, table in self.samples.items():
-            table.add_base(t, lo, hi, med)
+        t = block_means(target, self.block_px)
+        src = next(iter(self.forms.values())).source
+        if self.kind == "bounds":
+            blocks: Any = (block_means(data[0], self.block_px), block_means(data[1], self.block_px))
+            lo, hi, center = src.base(blocks)
+            own_point = center  # the run's midpoint
+        else:
+            lo, hi, center, own_point = sample_quantiles(block_means(data, self.block_px), src.q_low, src.q_high)
+            # own_point: the sample mean
+        for f, table in self.forms.items():
+            table.add_base(t, lo, hi, center)
             if cals is not None and f in cals:
-                self.parts[f].append(coverage_report(t, lo, hi, med, cals[f].lam, alpha, f))
-        if "sample_mean" in self.bands:
-            self.bands["sample_mean"].add(t, mean)
+                self.parts[f].append(coverage_report(t, lo, hi, center, cals[f].lam, alpha, f))
+        if POINT_BAND[self.kind] in self.bands:
+            self.bands[POINT_BAND[self.kind]].add(t, own_point)
         if point is not None and "baseline_run" in self.bands:
             self.bands["baseline_run"].add(t, block_means(point, self.block_px))
 
@@ -330,9 +370,9 @@ def _calibrate_level(level: _Level, options: CalibrateOptions, hint: str, unit: 
                      ) -> dict[str, Calibration | str]:
     """RCPS of every table of a level: name -> Calibration, or the error line when no lambda works."""
     out: dict[str, Calibration | str] = {}
-    for name, table in [*level.samples.items(), *level.bands.items()]:
+    for name, table in [*level.forms.items(), *level.bands.items()]:
         try:
-            extra = {"samples": options.samples} if name in FORMS else {}
+            extra = {"samples": options.samples} if name in FORMS and level.kind == "samples" else {}
             out[name] = table.calibrate(options.alpha, options.delta, hint=hint, risk_unit=unit, **extra)
         except InputError as e:
             out[name] = str(e)
@@ -379,6 +419,29 @@ def _load_baseline(options: CalibrateOptions, info: DatasetInfo) -> Run | None:
     return run
 
 
+def _sampling_of(run: Run, options: CalibrateOptions, warn) -> tuple[CalibrateOptions, dict[str, Any] | None]:
+    """``options`` with the sampler, steps and eta resolved, and the protocol record (None: an interval run,
+    which draws no samples; sampling flags given for one are reported as ignored)."""
+    if run.kind == INTERVAL_KIND:
+        d = CalibrateOptions()
+        given = [flag for flag, now, default in (
+            ("--samples", options.samples, d.samples), ("--sampler", options.sampler, d.sampler),
+            ("--steps", options.steps, d.steps), ("--eta", options.eta, d.eta),
+            ("--protocol", options.protocol, d.protocol)) if now != default]
+        if given:
+            warn(f"{', '.join(given)} ignored: an interval run gives its bounds in one network call per tile, "
+                 "without samples")
+        return options, None
+    try:
+        sampler, steps, eta = resolve_protocol(options.protocol, options.sampler, options.steps, options.eta)
+        sampling = protocol_record(options.protocol, sampler, steps, eta, run.schedule.T)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if sampling["steps"] > run.schedule.T:
+        raise InputError(f"--steps {sampling['steps']} exceeds the model's T = {run.schedule.T} steps", run.path)
+    return replace(options, sampler=sampler, steps=steps, eta=eta), sampling
+
+
 def calibrate_run(
     model: str | Path | Run,
     data: str | Path,
@@ -387,7 +450,10 @@ def calibrate_run(
     force: bool = False,
     progress: Progress | None = None,
 ) -> CalibrateResult:
-    """Calibrate lambda on ``options.split``, check coverage on ``options.test_split``; write RUN/calibration.json."""
+    """Calibrate lambda on ``options.split``, check coverage on ``options.test_split``; write RUN/calibration.json.
+
+    ``model``: a diffusion run (interval of N samples) or an interval run (its one-call bounds).
+    """
     options = options or CalibrateOptions()
     options.check()
     progress = progress or NullProgress()
@@ -408,6 +474,9 @@ def calibrate_run(
     run = resolve_run(model, options.device)
     info = open_dataset(data)
     check_compatible(run, info)
+    kind = "bounds" if run.kind == INTERVAL_KIND else "samples"
+    form = options.interval or DEFAULT_FORMS[kind]
+    options = replace(options, interval=form)
     scales = resolve_scales(info, tuple(options.scales))
     baseline = _load_baseline(options, info)
     if not info.patch_keys(options.split):
@@ -422,14 +491,7 @@ def calibrate_run(
              f"split: checking coverage on all {available_test}")
     if options.test_split == options.split:
         warn(f"testing on the calibration split {options.split!r}: the coverage check is optimistic")
-    try:
-        sampler, steps, eta = resolve_protocol(options.protocol, options.sampler, options.steps, options.eta)
-        sampling = protocol_record(options.protocol, sampler, steps, eta, run.schedule.T)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if sampling["steps"] > run.schedule.T:
-        raise InputError(f"--steps {sampling['steps']} exceeds the model's T = {run.schedule.T} steps", run.path)
-    drawn = replace(options, sampler=sampler, steps=steps, eta=eta)
+    drawn, sampling = _sampling_of(run, options, warn)
     ensure_writable_dir(run_dir)
 
     keys = chosen_keys(info, options.split, options.n)
@@ -439,21 +501,26 @@ def calibrate_run(
     line = coverage_warning(slides["calibration"], dataset_grades)
     if line:
         warn(line)
-    bands = BANDS if baseline is not None else BANDS[:1]
+    bands = (POINT_BAND[kind], "baseline_run") if baseline is not None else (POINT_BAND[kind],)
     blocks = sorted({1, *(s.block_px for s in scales)})
 
     def levels() -> dict[int, _Level]:  # per pixel: both forms; structure scales: the chosen form
-        return {b: _Level(b, FORMS if b == 1 else (options.interval,), options, bands) for b in blocks}
+        return {b: _Level(b, kind, FORMS if b == 1 else (form,), options, bands) for b in blocks}
+
+    def batches(split_keys: list[tuple[str, int]], phase: int, label: str) -> Iterator[tuple[np.ndarray, Any, Any]]:
+        if kind == "bounds":
+            return bound_batches(run, info, split_keys, drawn, progress, label, baseline)
+        return sample_batches(run, info, split_keys, drawn, phase, progress, label, baseline)
 
     val = levels()
-    for target, draws, point in sample_batches(run, info, keys, drawn, 0, progress, options.split, baseline):
+    for target, data, point in batches(keys, 0, options.split):
         for level in val.values():
-            level.add(target, draws, point)
-    n = val[1].samples[options.interval].n
+            level.add(target, data, point)
+    n = val[1].forms[form].n
     hint = _no_lambda_hint(options, n, available)
     cals = {b: _calibrate_level(level, options, hint, "pixel-channel" if b == 1 else "block-channel")
             for b, level in val.items()}
-    cal = cals[1][options.interval]
+    cal = cals[1][form]
     if isinstance(cal, str):
         raise InputError(cal)
 
@@ -462,11 +529,10 @@ def calibrate_run(
         test_keys = chosen_keys(info, options.test_split, options.n)
         slides["test"] = split_slides(info, options.test_split, test_keys)
         test_levels = levels()
-        for target, draws, point in sample_batches(run, info, test_keys, drawn, 1, progress, options.test_split,
-                                                   baseline):
+        for target, data, point in batches(test_keys, 1, options.test_split):
             for b, level in test_levels.items():
                 ok = {f: c for f, c in cals[b].items() if f in FORMS and isinstance(c, Calibration)}
-                level.add(target, draws, point, ok, options.alpha)
+                level.add(target, data, point, ok, options.alpha)
     elif options.test_split:
         warn(f"dataset has no tiles in the {options.test_split!r} split: no held-out coverage check")
 
@@ -475,51 +541,55 @@ def calibrate_run(
             return {}
         return {f: _merge_reports(p) for f, p in test_levels[b].parts.items() if p}
 
-    def bands_of(b: int, form: str, diffusion_test: dict[str, Any] | None) -> dict[str, Any]:
+    def bands_of(b: int, model_test: dict[str, Any] | None) -> dict[str, Any]:
         entries = {}
         for name in bands:
             t = None if test_levels is None else test_levels[b].bands[name]
-            entries[name] = _band_entry(name, cals[b][name], val[b].bands[name], t, diffusion_test)
+            entries[name] = _band_entry(name, cals[b][name], val[b].bands[name], t, model_test)
         return entries
 
     tests = tests_of(1)
-    test = tests.get(options.interval)
-    forms = {f: _form_entry(cals[1][f], tests.get(f)) for f in (options.interval, *[f for f in FORMS
-                                                                                    if f != options.interval])}
-    baselines = bands_of(1, options.interval, test)
+    test = tests.get(form)
+    forms = {f: _form_entry(cals[1][f], tests.get(f)) for f in (form, *[f for f in FORMS if f != form])}
+    baselines = bands_of(1, test)
     if baseline is not None:
         baselines["baseline_run"].update(model=str(baseline.path), model_kind=baseline.kind,
                                          model_step=baseline.step)
     scale_entries = []
     for s in scales:
-        c = cals[s.block_px][options.interval]
+        c = cals[s.block_px][form]
         entry: dict[str, Any] = {"scale_um": s.um, "block_px": s.block_px, "block_um": s.block_um}
         if isinstance(c, str):
             warn(f"--scale {s.um:g} µm: {c}")
             entry["error"] = c
         else:
-            st = tests_of(s.block_px).get(options.interval)
-            entry.update(_cal_record(c), val_mean_width_raw_255=val[s.block_px].samples[options.interval].raw_width
-                         * UNIT_TO_255, test_coverage=st, baselines=bands_of(s.block_px, options.interval, st))
+            st = tests_of(s.block_px).get(form)
+            entry.update(_cal_record(c), val_mean_width_raw_255=val[s.block_px].forms[form].raw_width
+                         * UNIT_TO_255, test_coverage=st, baselines=bands_of(s.block_px, st))
             if baseline is not None:
                 entry["baselines"]["baseline_run"].update(model=str(baseline.path), model_kind=baseline.kind)
         scale_entries.append(entry)
 
-    val_width = val[1].samples[options.interval].raw_width * UNIT_TO_255
-    config = {**asdict(options), "steps_effective": sampling["steps"]}
+    val_width = val[1].forms[form].raw_width * UNIT_TO_255
+    config = {**asdict(options), "steps_effective": None if sampling is None else sampling["steps"]}
     inputs = {"dataset.json": fingerprint(info.root / "dataset.json")}
     if baseline is not None and (baseline.path / WEIGHTS).is_file():
         inputs["baseline"] = fingerprint(baseline.path / WEIGHTS)
+    if sampling is None:  # an interval run: one network call per tile, nothing drawn
+        how = {"protocol": None, "sampler": None, "steps": None, "steps_effective": None, "eta": None,
+               "sampling": None, "network_calls": 1}
+    else:
+        how = {"protocol": options.protocol, "sampler": drawn.sampler, "steps": drawn.steps,
+               "steps_effective": sampling["steps"], "eta": sampling["eta"], "sampling": sampling}
     doc = {
         **cal.to_dict(),
-        "protocol": options.protocol, "sampler": sampler, "steps": steps, "steps_effective": sampling["steps"],
-        "eta": sampling["eta"], "sampling": sampling,
+        **how,
         "seed": options.seed, "batch_size": options.batch_size, "split": options.split,
         "test_split": options.test_split, "model": str(run.path), "model_kind": run.kind, "model_step": run.step,
         "dataset": {**info.fingerprint(), "dataset.json": fingerprint(info.root / "dataset.json")},
         "val_mean_width_raw_255": val_width,
         "width_unit": WIDTH_UNIT,
-        "risk_curve": _risk_curve(val[1].samples[options.interval].table, val[1].samples[options.interval].lambdas),
+        "risk_curve": _risk_curve(val[1].forms[form].table, val[1].forms[form].lambdas),
         "test_coverage": test,
         "forms": forms,
         "baselines": baselines,
@@ -529,9 +599,10 @@ def calibrate_run(
         "provenance": record(config, inputs),
     }
     write_json(out, doc)
-    return CalibrateResult(out, cal, test, val_width, time.perf_counter() - t0, sampling, forms, baselines,
-                           scale_entries, slides, warnings)
+    return CalibrateResult(out, cal, test, val_width, time.perf_counter() - t0, sampling or {}, forms, baselines,
+                           scale_entries, slides, warnings, kind)
 
 
-__all__ = ["CalibrateOptions", "CalibrateResult", "Scale", "calibrate_run", "chosen_keys", "coverage_warning",
-           "resolve_scales", "sample_batches", "split_slides", "spread_indices", "BANDS", "MIN_CALIBRATION_SLIDES"]
+__all__ = ["CalibrateOptions", "CalibrateResult", "Scale", "bound_batches", "calibrate_run", "chosen_keys",
+           "coverage_warning", "resolve_scales", "sample_batches", "split_slides", "spread_indices", "BANDS",
+           "INTERVAL_KIND", "MIN_CALIBRATION_SLIDES", "POINT_BAND"]

@@ -599,18 +599,21 @@ def block_means(x, block: int) -> np.ndarray:
     return x.mean(axis=(-3, -1), dtype=np.float64).astype(np.float32)
 
 
-def scale_interval(block_samples, cal: Calibration, value_range: tuple[float, float] = MODEL_RANGE
+def scale_interval(block_data, cal: Calibration, value_range: tuple[float, float] = MODEL_RANGE
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated interval of block means at one structure scale.
 
-    ``block_samples`` (N, ..., 3, h, w): the block means (``block_means``) of N
-    diffusion samples at the scale's block size; ``cal``: that scale's calibration
-    (``CalibrationFile.scale``). Returns (lower, upper) of the block means, float32,
-    in ``value_range`` (pass (0, 255) for 0-255 block means).
+    ``block_data``: the block means (``block_means``) at the scale's block size of
+    what the scale's calibration (``CalibrationFile.scale``) was made from: N
+    diffusion samples (N, ..., h, w, or any trailing layout) for source "samples",
+    or an interval run's (lower, upper) pair for source "bounds" (the block mean of
+    the bounds is the base interval of the block mean, scaled by lambda as calibrated).
+    Returns (lower, upper) of the block means, float32, in ``value_range`` (pass
+    (0, 255) for 0-255 block means).
     """
-    if cal.source != "samples":
-        raise ValueError(f"a scale calibration of source {cal.source!r} does not apply to samples")
-    lo, hi = source_interval(cal, block_samples, value_range)
+    if cal.source not in ("samples", "bounds"):
+        raise ValueError(f"a scale calibration of source {cal.source!r} has no interval of its own to scale")
+    lo, hi = source_interval(cal, block_data, value_range)
     return lo.astype(np.float32), hi.astype(np.float32)
 
 
