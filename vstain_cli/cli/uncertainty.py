@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -34,7 +34,8 @@ def uncertainty(
     model: ModelRun,
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (lower/upper/mean/width maps, uncertainty.json)."),
     samples: Optional[int] = typer.Option(
-        None, "--samples", "-n", help="Diffusion samples per region (default: the calibration's, else 20 as the paper)."),
+        None, "--samples", "-n", help="Diffusion samples per region (default: the calibration's, else 20 as the "
+                                      "paper; ignored for an interval run, which needs none)."),
     calibration: Optional[Path] = typer.Option(
         None, "--calibration",
         help="calibration.json from `vstain calibrate` (default: MODEL/calibration.json if present, else lambda = 1)."),
@@ -49,6 +50,10 @@ def uncertainty(
     batch_size: BatchSize = 16,
     overlap: Overlap = None,
     region: Region = 1024,
+    scale: Optional[List[float]] = typer.Option(
+        None, "--scale", metavar="UM",
+        help="Also write maps of the interval of UM x UM µm block means (lower/upper/width.UMum.tif), with that "
+             "scale's lambda from `vstain calibrate --scale UM`; repeatable, e.g. --scale 1 --scale 4 --scale 16."),
     width_max: Optional[float] = typer.Option(
         None, "--width-max", help="Top of the heat-map scale in 0-255 units (default: 99th percentile over tissue)."),
     device: Device = "auto",
@@ -57,12 +62,13 @@ def uncertainty(
     mpp: Mpp = None,
     force: Force = False,
 ) -> None:
-    """Sample a slide N times and write calibrated 5-95 % interval maps (lower, upper, mean, width)."""
+    """Write calibrated interval maps (lower, upper, mean, width) of a slide: from N samples of a diffusion run,
+    or in one network call per window from an interval run (`vstain distill --intervals`)."""
     from vstain_cli.uq.maps import UncertaintyOptions, uncertainty_slide
 
     options = UncertaintyOptions(sampler=sampler, steps=steps, eta=eta, protocol=protocol, batch_size=batch_size,
                                  overlap=overlap, region=region, device=device, seed=seed, samples=samples,
-                                 width_max=width_max, mpp=mpp, out_format=out_format)
+                                 width_max=width_max, mpp=mpp, out_format=out_format, scales=tuple(scale or ()))
     with RichProgress() as progress:
         result = uncertainty_slide(af, model, out, options, calibration=calibration, reference=reference,
                                     force=force, progress=progress)
@@ -82,10 +88,18 @@ def uncertainty(
     sc = result.scale or {}
     resampled = (f"; read at the model's {sc['model_mpp']:g} µm/px, written at the slide's {sc['slide_mpp']:g} µm/px"
                  if sc.get("resampled") else "")
+    how = (f"{result.samples} samples, {protocol_label(result.sampling)}" if result.source == "samples" else
+           "interval run, one network call per window")
     console.print(
-        f"[green]wrote[/] {result.out}/ ({w}x{h} px, {len(result.levels)} levels, {result.samples} samples, "
-        f"{protocol_label(result.sampling)}) in {result.seconds:.1f} s{resampled}; lambda = {result.lam:g} ({source}); "
+        f"[green]wrote[/] {result.out}/ ({w}x{h} px, {len(result.levels)} levels, {how}) in {result.seconds:.1f} s"
+        f"{resampled}; lambda = {result.lam:g} ({source}); "
         f"mean interval width over tissue {s['mean_width_tissue']:.1f} (median {s['median_width_tissue']:.1f}, "
         f"p95 {s['p95_width_tissue']:.1f}) in 0-255 units; heat map 0-{result.heatmap_max:g}{checked}",
         highlight=False,
     )
+    for e in result.scales:
+        b = e["summary"]
+        console.print(
+            f"  at {e['scale_um']:g} µm ({e['block_px_out']} px blocks, lambda = {e['lam']:g}): mean width of the "
+            f"block-mean interval over tissue {b['mean_width_tissue']:.1f} (median {b['median_width_tissue']:.1f}, "
+            f"p95 {b['p95_width_tissue']:.1f}; {b['tissue_blocks']} tissue blocks)", highlight=False)

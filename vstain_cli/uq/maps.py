@@ -23,6 +23,19 @@ Only the N samples of one region are held (N x region x 3 float32); the maps of
 each region (lower, upper, mean RGB and the width, 10 channels) are feather-
 blended with one ``RegionBlender`` and fanned out to the pyramid writers.
 
+An interval run (``vstain distill --intervals``: lower and upper bounds in one
+network call, Conffusion-style) makes the same maps without samples: its bounds
+are feather-blended over the windows of each region like a regression output,
+scaled by the lambda its own calibration (source "bounds") found around their
+midpoint, and faded the same way; the mean map is the midpoint
+(``maps_op.RegionBounds``). ``--samples`` does not apply (a warning says so).
+
+Structure scales (``--scale UM``, docs/uncertainty.md §10): the interval of the
+mean over UM x UM µm blocks (block means of the samples, or of the bounds), with
+that scale's lambda from ``calibrate --scale``, written at block resolution
+(``lower.UMum.tif``, ``upper.UMum.tif``, ``width.UMum.float32.tif``, mpp = the
+block's size) with the width summary of each scale in uncertainty.json.
+
 Outputs (a folder written under a temporary name and renamed when complete):
 ``lower.tif``, ``upper.tif``, ``mean.tif`` (RGB uint8 pyramids, lossless so
 lower <= upper per pixel survives), ``width.tif`` (uint8 viridis heat map
@@ -44,8 +57,10 @@ from vstain_cli.uq.heatmap import apply_heatmap, heatmap_lut, nice_ceiling, writ
 from vstain_cli.uq.maps_op import (
     DEFAULT_SAMPLES,
     FILES,
+    BlockScale,
     MapsOp,
     ReferenceCoverage,
+    RegionBounds,
     RegionMaps,
     ScaleChoice,
     UncertaintyOptions,
@@ -54,6 +69,7 @@ from vstain_cli.uq.maps_op import (
     calibration_warnings,
     output_files,
     resolve_calibration,
+    scale_files,
 )
 
 
@@ -70,6 +86,10 @@ def uncertainty_slide(
 ) -> UncertaintyResult | None:
     """Per-pixel credible-interval maps of a whole AF slide (None on torchrun ranks > 0).
 
+    ``model``: a diffusion run (N samples per region) or an interval run (one network
+    call per window). ``options.scales``: structure scales (µm) whose block-mean maps
+    are written too; each must be calibrated (InputError naming the calibration file).
+
     ``reference``: the real H&E of the same slide (registered, same size); the
     coverage of its tissue pixels by the written bounds is measured and recorded.
     Without --sampler/--steps/--eta the calibration's settings are used; InputError
@@ -78,7 +98,7 @@ def uncertainty_slide(
     """
     options = options or UncertaintyOptions()
     t0 = time.perf_counter()
-    op = MapsOp(calibration, reference)
+    op = MapsOp(calibration, reference, tuple(options.scales))
     target = FolderOutput(out, force, marker=FILES["json"])
     result = run_slide(af_path, model, op, target, options, progress)
     if result is not None:
@@ -86,7 +106,8 @@ def uncertainty_slide(
     return result
 
 
-__all__ = ["DEFAULT_SAMPLES", "FILES", "MapsOp", "ReferenceCoverage", "RegionMaps", "ScaleChoice",
+__all__ = ["DEFAULT_SAMPLES", "FILES", "BlockScale", "MapsOp", "ReferenceCoverage", "RegionBounds", "RegionMaps",
+           "ScaleChoice", "scale_files",
            "UncertaintyOptions", "UncertaintyResult", "apply_heatmap", "calibration_mismatch",
            "calibration_warnings", "heatmap_lut", "nice_ceiling", "output_files", "resolve_calibration",
            "uncertainty_slide", "write_overlay_png"]
