@@ -1,9 +1,9 @@
 """Where code runs: the one device resolver and the one reader of torchrun's rank variables.
 
 Every command resolves ``--device`` here, with the same rules: ``auto`` (CUDA when
-available, else Apple MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-Errors are ``ValueError``; the pipeline entry points turn them into one-line
-input errors naming the flag.
+available, else Apple MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``. A name
+that cannot be used is an ``InputError`` whose one line names the flag
+(``--device: ...``), so no caller wraps it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from vstain_cli.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +56,10 @@ def _mps_available(torch_mod) -> bool:
 
 
 def resolve_device(name: str = "auto", local_rank: int | None = None) -> "torch.device":
-    """A torch.device for ``name``; ``cuda`` without an index takes this process's local rank."""
+    """A torch.device for ``name``; ``cuda`` without an index takes this process's local rank.
+
+    InputError ``--device: ...`` for an unknown name or a device this machine lacks.
+    """
     import torch
 
     name = (name or "auto").strip().lower()
@@ -67,16 +72,17 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> "torch.
         return torch.device("cpu")
     if name == "mps":
         if not _mps_available(torch):
-            raise ValueError("device mps was asked for but Apple's MPS backend is not available; use cpu")
+            raise InputError("--device: device mps was asked for but Apple's MPS backend is not available; use cpu")
         return torch.device("mps")
     m = re.fullmatch(r"cuda(?::(\d+))?", name)
     if m is None:
-        raise ValueError(f"unknown device {name!r} (choose {DEVICE_CHOICES})")
+        raise InputError(f"--device: unknown device {name!r} (choose {DEVICE_CHOICES})")
     if not torch.cuda.is_available():
-        raise ValueError(f"device {name} was asked for but no CUDA GPU is available; use cpu")
+        raise InputError(f"--device: device {name} was asked for but no CUDA GPU is available; use cpu")
     index = int(m.group(1)) if m.group(1) is not None else rank
     if index >= torch.cuda.device_count():
-        raise ValueError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        raise InputError(f"--device: device {name} does not exist: this machine has "
+                         f"{torch.cuda.device_count()} CUDA GPU(s)")
     return torch.device("cuda", index)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
+from vstain_cli import seeding
 from vstain_cli.data.store import DatasetInfo, he_to_unit, normalize_af
 
 N_AUG = 8  # the dihedral group of the square: 4 rotations x optional flip
@@ -114,7 +115,7 @@ class StepBatchSampler(Sampler):
 
     def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         if e not in self._epochs:
-            rng = np.random.default_rng([self.seed, e])
+            rng = seeding.numpy_rng(self.seed, e)
             perm = rng.permutation(self.n)
             aug = rng.integers(0, N_AUG, self.n) if self.augment else np.zeros(self.n, np.int64)
             if len(self._epochs) > 2:

@@ -6,8 +6,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from vstain_cli import seeding
 from vstain_cli.errors import InputError
 
 SPLITS = ("train", "val", "test")
@@ -96,7 +95,7 @@ def assign_splits(
     """
     if all(p.split for p in pairs):
         return {p.slide_id: p.split for p in pairs}  # type: ignore[misc]
-    rng = np.random.default_rng(seed)
+    rng = seeding.numpy_rng(seed)
     by_label: dict[int, list[str]] = {}
     for p in sorted(pairs, key=lambda p: p.slide_id):
         by_label.setdefault(p.label, []).append(p.slide_id)

@@ -124,11 +124,7 @@ def resolve_run(model: str | Path | Run, device: str = "auto") -> Run:
         return model
     from vstain_cli.runtime import resolve_device
 
-    try:
-        dev = resolve_device(device)
-    except ValueError as e:
-        raise InputError(f"--device: {e}") from None
-    return load_run(model, dev)
+    return load_run(model, resolve_device(device))
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from vstain_cli import seeding
+
 #: Offset added to both covariance diagonals when the trace term is not finite
 #: (the same guard and value as pytorch-fid's ``calculate_frechet_distance``).
 FD_EPS = 1e-6
@@ -211,7 +213,7 @@ def fd_interval(
     if min(n1, n2) < 3:
         raise ValueError(f"an FD interval needs at least 3 rows per set, got {n1} and {n2}")
     same = paired and n1 == n2
-    rng = np.random.default_rng(seed)
+    rng = seeding.numpy_rng(seed)
     if device is not None:
         import torch
 
@@ -250,7 +252,7 @@ def bootstrap_ci(
     mean = float(v.mean())
     if v.size == 1:
         return mean, mean, mean
-    rng = np.random.default_rng(seed)
+    rng = seeding.numpy_rng(seed)
     means = np.empty(n_boot)
     chunk = max(1, min(n_boot, 4_000_000 // v.size))  # bound memory to ~32 MB of indices
     for s in range(0, n_boot, chunk):
@@ -283,7 +285,7 @@ def cluster_weights(n_clusters: int, n_boot: int, seed: int = 0) -> np.ndarray:
     Depends only on (S, n_boot, seed), so every model and metric scored with one
     seed sees the same slide draws.
     """
-    rng = np.random.default_rng(seed)
+    rng = seeding.numpy_rng(seed)
     draws = rng.integers(0, n_clusters, (n_boot, n_clusters))
     w = np.zeros((n_boot, n_clusters), np.int64)
     np.add.at(w, (np.repeat(np.arange(n_boot), n_clusters), draws.ravel()), 1)

@@ -25,7 +25,7 @@ CHECKED = ("FSD", "PFD", "L1", "L2")
 
 def noisy_tiles(tiles: np.ndarray, sd: float = NOISE_SD, seed: int = 0) -> np.ndarray:
     """uint8 tiles + N(0, sd^2) per pixel and channel, rounded and clipped to 0-255 (seeded)."""
-    rng = np.random.default_rng(seeding.derive_seed(seed, seeding.SCORE_NOISE))
+    rng = seeding.numpy_rng(seeding.derive_seed(seed, seeding.SCORE_NOISE))
     noise = rng.normal(0.0, sd, np.shape(tiles))
     return np.clip(np.rint(np.asarray(tiles, np.float64) + noise), 0, 255).astype(np.uint8)
 

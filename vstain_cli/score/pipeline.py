@@ -36,9 +36,10 @@ from vstain_cli import provenance, seeding
 from vstain_cli.errors import InputError
 from vstain_cli.infer.bundled import bundled_path
 from vstain_cli.progress import NullProgress, Progress
+from vstain_cli.runtime import resolve_device
 from vstain_cli.score import scoring
 from vstain_cli.score.scoring import ImageSet
-from vstain_cli.train.run_folder import CALIBRATION_FILE
+from vstain_cli.train.run_folder import CALIBRATION_FILE, CONFIG
 
 NO_CALIBRATION = "uncertainty panel skipped: no calibration.json (run `vstain calibrate`)"
 
@@ -75,6 +76,9 @@ class EvaluateOptions:
     noise_check: bool = True
     #: Lines the caller adds to the report's notes (e.g. the demo: each model's training steps).
     notes: list[str] = field(default_factory=list)
+    #: Model name -> (sampler, steps, eta) it samples with instead of the options' own (e.g. the demo's
+    #: distilled runs: DDIM over their K steps next to the teacher's DPM-Solver++ 10).
+    model_sampling: dict[str, tuple[str, int | None, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         opt = lambda p: None if p is None else Path(p)  # noqa: E731
@@ -157,7 +161,7 @@ def model_names(sources: list[Path], names: list[str] | None) -> list[str]:
 def grid_pick(n_tiles: int, rows: int, seed: int) -> np.ndarray:
     """Sorted indices of the report's example tiles (seeded, independent of the subset seed)."""
     k = min(rows, n_tiles)
-    return np.sort(np.random.default_rng(seed + 1).choice(n_tiles, size=k, replace=False))
+    return np.sort(seeding.numpy_rng(seed + 1).choice(n_tiles, size=k, replace=False))
 
 
 def grid_columns(real_set: ImageSet, fake_sets: dict[str, ImageSet], paired: dict[str, bool], pick: np.ndarray,
@@ -284,7 +288,7 @@ def run_sampling(run_dir: Path, protocol: str, sampler: str, steps: int | None, 
     except ValueError as e:
         raise InputError(str(e)) from None
     try:
-        preset = Preset.from_dict(json.loads((run_dir / "config.json").read_text())["preset"])
+        preset = Preset.from_dict(json.loads((run_dir / CONFIG).read_text())["preset"])
     except Exception:  # noqa: BLE001 - reported by load_run with the file's name
         return resolved, None
     if preset.kind != "diffusion":
@@ -292,12 +296,17 @@ def run_sampling(run_dir: Path, protocol: str, sampler: str, steps: int | None, 
     return resolved, protocol_record(protocol, *resolved, preset.diffusion.timesteps)
 
 
+def _sampling_of(o: EvaluateOptions, name: str) -> tuple[str, int | None, float]:
+    """(sampler, steps, eta) model ``name`` samples with: its ``model_sampling`` entry, else the options'."""
+    return o.model_sampling.get(name, (o.sampler, o.steps, o.eta))
+
+
 def run_config(run_dir: Path) -> dict[str, Any] | None:
     """A run folder's config.json as a dict; None when unreadable (load_run reports it with the file's name)."""
     import json
 
     try:
-        cfg = json.loads((run_dir / "config.json").read_text())
+        cfg = json.loads((run_dir / CONFIG).read_text())
     except (OSError, ValueError):
         return None
     return cfg if isinstance(cfg, dict) else None
@@ -385,6 +394,9 @@ def _check(o: EvaluateOptions) -> tuple[Path, Path | None, list[str]]:
             resolve_protocol(o.protocol, o.sampler, o.steps, o.eta)
         except ValueError as e:
             raise InputError(str(e)) from None
+    unknown = sorted(set(o.model_sampling) - set(names[len(fakes):]))
+    if unknown:
+        raise InputError(f"model_sampling names no scored model: {', '.join(unknown)}")
     if o.out_dir is None:
         raise InputError("give an output folder (--out)")
     if o.uncertainty_rows < 0:
@@ -415,7 +427,7 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
     show_panel = o.grid_rows > 0 and o.uncertainty_rows > 0
     calibrations = {nm: _load_calibration(p) for nm, p in zip(model_names_, models)} if show_panel else {}
 
-    dev = scoring.resolve_device(o.device) if (o.inception_weights or o.stainnet or models) else "cpu"
+    dev = str(resolve_device(o.device)) if (o.inception_weights or o.stainnet or models) else "cpu"
     notes: list[str] = list(o.notes)
     extractors = {}
     if o.inception_weights is not None:
@@ -481,7 +493,7 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
                 )
             src = data_full.take(idx)
         for nm, run_dir in zip(model_names_, models):
-            (sampler, steps, eta), sampling[nm] = run_sampling(run_dir, o.protocol, o.sampler, o.steps, o.eta)
+            (sampler, steps, eta), sampling[nm] = run_sampling(run_dir, o.protocol, *_sampling_of(o, nm))
             tiles = scoring.sample_run_tiles(run_dir, src, dev, sampler, steps, eta, seed, o.batch_size, prog)
             with provenance.atomic_output(paths[f"samples-{nm}.npy"]) as tmp, open(tmp, "wb") as f:
                 np.save(f, tiles)
@@ -640,7 +652,7 @@ def _uncertainty(o: EvaluateOptions, models: list[Path], names: list[str], calib
         if found is None:
             notes.append(NO_CALIBRATION if len(models) == 1 else f"{nm}: {NO_CALIBRATION}")
             continue
-        (sampler, steps, eta), rec = run_sampling(run_dir, o.protocol, o.sampler, o.steps, o.eta)
+        (sampler, steps, eta), rec = run_sampling(run_dir, o.protocol, *_sampling_of(o, nm))
         rec = rec or sampling.get(nm)
         count = o.uncertainty_samples or found.cal.samples or 8
         mismatch = _calibration_mismatch(nm, found, rec, count, run)

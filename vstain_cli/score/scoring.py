@@ -19,6 +19,7 @@ import numpy as np
 from vstain_cli import seeding
 from vstain_cli.errors import InputError
 from vstain_cli.progress import NullProgress, Progress
+from vstain_cli.runtime import resolve_device
 from vstain_cli.score import metrics
 
 # Display rules and the HTML writer live in vstain_cli.score.report; re-exported for callers.
@@ -329,7 +330,7 @@ def select_tiles(n_total: int, n: int | None, seed: int) -> np.ndarray:
         return np.arange(n_total)
     if n < 2:
         raise InputError(f"--n must be at least 2, got {n}")
-    return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
+    return np.sort(seeding.numpy_rng(seed).choice(n_total, size=n, replace=False))
 
 
 # ---------------------------------------------------------------- features
@@ -355,16 +356,6 @@ def extract_features(
     if not np.isfinite(feats).all():
         raise InputError(f"{label} features contain NaN/inf (a broken feature network?)")
     return feats
-
-
-def resolve_device(device: str) -> str:
-    """A device name for feature networks, by the one rule (vstain_cli.runtime); InputError when unusable."""
-    from vstain_cli.runtime import resolve_device as resolve
-
-    try:
-        return str(resolve(device))
-    except ValueError as e:
-        raise InputError(f"--device: {e}") from None
 
 
 def inception_extractor(weights: str | Path, device: str = "auto") -> FeatureFn:

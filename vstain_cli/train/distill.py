@@ -531,7 +531,9 @@ def distill_preset(teacher: Teacher, options: DistillOptions, total: int, studen
     train = dataclasses.replace(p.train, steps=total, batch_size=o.batch_size, lr=o.lr, warmup_steps=0,
                                 ema_decay=o.ema_decay, checkpoint_every=o.checkpoint_every,
                                 val_every=o.phase_steps, log_every=o.log_every, val_batches=o.val_batches,
-                                sample_count=o.sample_count, seed=o.seed, workers=0)
+                                sample_count=o.sample_count, seed=o.seed, workers=0,
+                                # the last EMA student: val losses of different phases (K) are not comparable
+                                keep="last")
     diffusion = p.diffusion
     if not o.intervals:
         diffusion = dataclasses.replace(diffusion, sampler="ddim", sample_steps=student_steps)
@@ -648,10 +650,7 @@ def distill(
     info = open_distill_dataset(t, data)
     preset = distill_preset(t, options, total, k)
     check_dataset(info, preset)
-    try:
-        dist = Dist.from_env(device)
-    except ValueError as e:
-        raise InputError(f"--device: {e}") from None
+    dist = Dist.from_env(device)  # InputError for an unusable --device
     try:
         return _distill(t, options, preset, phases, info, out, dist, resume=resume, force=force, progress=progress)
     finally:
@@ -675,7 +674,7 @@ def _distill(teacher: Teacher, options: DistillOptions, preset: Preset, phases: 
             run_folder.clear(out)
             run_folder.write_config(out, config)  # a resume keeps the config (and provenance) it started with
     amp = Amp(precision, dist.device)
-    torch.manual_seed(seeding.train_seed(options.seed, 0, 0, seeding.INIT))
+    seeding.seed_torch(seeding.train_seed(options.seed, 0, 0, seeding.INIT))
     if options.intervals:
         obj: Objective = IntervalObjective(preset, info.channels, dist.device, amp, teacher, options.quantiles)
     else:

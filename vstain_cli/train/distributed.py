@@ -29,7 +29,7 @@ class Dist:
         """Join the process group torchrun describes (or run alone)."""
         p = place()
         world, rank, local = p.world_size, p.rank, p.local_rank
-        dev = resolve_device(device, local)  # ValueError for an unknown or missing device
+        dev = resolve_device(device, local)  # InputError for an unknown or missing device
         if world > 1 and not tdist.is_initialized():
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)

@@ -98,10 +98,7 @@ def train(
     out = Path(out)
     info = open_dataset(data)
     check_dataset(info, preset)
-    try:
-        dist = Dist.from_env(device)
-    except ValueError as e:
-        raise InputError(f"--device: {e}") from None
+    dist = Dist.from_env(device)  # InputError for an unusable --device
     try:
         return _train(preset, info, out, dist, resume=resume, force=force, progress=progress)
     finally:
@@ -131,7 +128,7 @@ def _train(preset: Preset, info: DatasetInfo, out: Path, dist: Dist, *, resume: 
                               f"be checked on them there; re-tile with another --split-seed or add slides")
 
     amp = Amp(precision, dist.device)
-    torch.manual_seed(seeding.train_seed(t.seed, 0, 0, seeding.INIT))  # weight initialisation
+    seeding.seed_torch(seeding.train_seed(t.seed, 0, 0, seeding.INIT))  # weight initialisation
     obj = build_objective(preset, info.channels, dist.device, amp)
     start = 0
     if mode == "resume":
@@ -225,7 +222,7 @@ class _Loop:
         n_acc, t_log = 0, time.perf_counter()
         for step, batch in zip(range(self.start, t.steps), self._loader(), strict=True):
             lr = self._set_lr(step)
-            torch.manual_seed(seeding.train_seed(t.seed, step, d.rank, seeding.TRAIN_DROPOUT))  # dropout etc.
+            seeding.seed_torch(seeding.train_seed(t.seed, step, d.rank, seeding.TRAIN_DROPOUT))  # dropout etc.
             logs = self.obj.train_step(batch, seeding.torch_generator(
                 seeding.train_seed(t.seed, step, d.rank, seeding.TRAIN_NOISE), d.device))
             self.obj.amp.update()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vstain_cli import seeding
+
 _M1 = np.uint32(0x7FEB352D)
 _M2 = np.uint32(0x846CA68B)
 
@@ -133,7 +135,7 @@ class NoiseTable:
     """
 
     def __init__(self, size: int = 1 << 24, seed: int = 12345):
-        self.table = np.random.default_rng(seed).standard_normal(size, dtype=np.float32)
+        self.table = seeding.numpy_rng(seed).standard_normal(size, dtype=np.float32)
 
     def draw(self, n: int, key: tuple[int, ...]) -> np.ndarray:
         """``n`` standard normals for ``key`` (deterministic)."""

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 from scipy.ndimage import map_coordinates
 
+from vstain_cli import seeding
 from vstain_cli.data.warp import GLASS_RGB, Transform, read_at, transform_to_dict
 from vstain_cli.errors import InputError
 from vstain_cli.io.slides import TiffSlide
@@ -58,7 +59,7 @@ class Misregistration:
 
 def random_transform(width: int, height: int, mpp: float, m: Misregistration, seed: int) -> tuple[Transform, dict]:
     """A random AF -> H&E transform within ``m`` and the drawn parameters."""
-    rng = np.random.default_rng(seed)
+    rng = seeding.numpy_rng(seed)
     sign = rng.choice([-1.0, 1.0])
     theta = np.deg2rad(sign * rng.uniform(0.5, 1.0) * m.rotation_deg)
     phi = rng.uniform(0, 2 * np.pi)

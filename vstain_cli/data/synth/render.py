@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from vstain_cli import seeding
 from vstain_cli.data.synth import af as afm
 from vstain_cli.data.synth import fields, histology, stains
 from vstain_cli.data.synth.version import PHANTOM_VERSION
@@ -51,7 +52,7 @@ class SlideSpec:
     fluorophore_amounts: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        rng = np.random.default_rng([self.seed, 101])
+        rng = seeding.numpy_rng(self.seed, 101)
         if self.histology is None:
             self.histology = histology.Params.for_grade(self.label, rng)
         if self.stain is None:
@@ -62,7 +63,7 @@ class SlideSpec:
     @classmethod
     def random(cls, slide_id: str, label: int, height: int, width: int, channels: int, mpp: float,
                seed: int) -> "SlideSpec":
-        rng = np.random.default_rng([seed, 102])
+        rng = seeding.numpy_rng(seed, 102)
         return cls(slide_id, label, height, width, channels, mpp, seed, gain=float(rng.uniform(0.75, 1.3)))
 
 

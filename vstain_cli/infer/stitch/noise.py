@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vstain_cli import seeding
+
 # ----------------------------------------------------------------------------- noise
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -49,10 +51,8 @@ def noise_canvas(seed: int, y0: int, x0: int, height: int, width: int, channels:
 
 def region_generator(seed: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch generator seeded by (seed, region index), for a sampler's step noise."""
-    g = torch.Generator(device=device)
     with np.errstate(over="ignore"):
         mixed = _mix64(np.array([(seed & 0xFFFFFFFF) << 32 | (index & 0xFFFFFFFF)], np.uint64))[0]
-    g.manual_seed(int(mixed) & 0x7FFFFFFFFFFFFFFF)
-    return g
+    return seeding.torch_generator(int(mixed) & 0x7FFFFFFFFFFFFFFF, device)
 
 
