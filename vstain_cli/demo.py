@@ -213,19 +213,13 @@ def copy_bundled_runs(runs: Path, *, calibration: bool = False, root: Path | Non
 
     ``calibration.json`` is copied only with ``calibration=True``: the demo calibrates on its own val slides.
     """
-    from vstain_cli.infer.bundled import BUNDLED, SHIPPED_FILES, bundled_path
-    from vstain_cli.train.run_folder import CALIBRATION_FILE
+    from vstain_cli.infer.bundled import BUNDLED, SHIPPED_FILES, bundled_path, publish_run_copy
+    from vstain_cli.train.run_folder import CALIBRATION_FILE, WEIGHTS
 
     for name, bundled in BUNDLED.items():
         src, dst = bundled_path(bundled, root), runs / name
-        if not (dst / "weights.safetensors").exists():
-            tmp = runs / f".{name}.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for f in SHIPPED_FILES:
-                if (src / f).exists() and f != CALIBRATION_FILE:
-                    shutil.copy2(src / f, tmp / f)
-            tmp.rename(dst)
+        if not (dst / WEIGHTS).exists():
+            publish_run_copy(src, dst, [f for f in SHIPPED_FILES if f != CALIBRATION_FILE])
         if calibration and (src / CALIBRATION_FILE).exists() and not (dst / CALIBRATION_FILE).exists():
             shutil.copy2(src / CALIBRATION_FILE, dst / CALIBRATION_FILE)
 
@@ -504,21 +498,14 @@ def export_bundle(res: DemoResult, options: DemoOptions, dest: Path, command: st
     fingerprint, the scores, the calibration and StainNet's check.
     """
     from vstain_cli.data.synth.version import PHANTOM_VERSION
-    from vstain_cli.infer.bundled import BUNDLE_FILE, BUNDLE_FORMAT, BUNDLED, SHIPPED_FILES, phantom_fingerprint
+    from vstain_cli.infer.bundled import BUNDLE_FILE, BUNDLE_FORMAT, BUNDLED, phantom_fingerprint, publish_run_copy
 
     if res.bundled:
         raise InputError("--export-bundle needs --retrain (these runs came from the bundle)")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name, bundled in BUNDLED.items():
-        src, tmp, final = res.out / "runs" / name, dest / f".{bundled}.partial", dest / bundled
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for f in SHIPPED_FILES:
-            if (src / f).exists():
-                shutil.copy2(src / f, tmp / f)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        publish_run_copy(res.out / "runs" / name, dest / bundled)
     dataset = res.out / "dataset"
     scores = {m: dict(r["metrics"]) for m, r in (res.score or {}).get("models", {}).items()}
     runs = {name: {"bundled": bundled, **train_summary(res.out / "runs" / name)} for name, bundled in BUNDLED.items()}

@@ -17,18 +17,22 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vstain_cli.io.outputs import FolderOutput
+from vstain_cli.train.run_folder import CALIBRATION_FILE, CONFIG, METRICS, WEIGHTS
+
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "vstain-bundle"
-PREFIX = "phantom-"
 # The demo's model names -> bundled run names.
 BUNDLED = {"diffusion": "phantom-diffusion", "regression": "phantom-regression", "pix2pix": "phantom-pix2pix",
            "stainnet": "phantom-stainnet"}
-SHIPPED_FILES = ("config.json", "weights.safetensors", "metrics.jsonl", "calibration.json")
+SHIPPED_FILES = (CONFIG, WEIGHTS, METRICS, CALIBRATION_FILE)
 
 
 def bundle_root() -> Path:
@@ -41,7 +45,7 @@ def bundled_names() -> list[str]:
     root = bundle_root()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+    return sorted(p.name for p in root.iterdir() if (p / CONFIG).is_file())
 
 
 def bundled_path(name: str | Path, root: Path | None = None) -> Path | None:
@@ -51,7 +55,17 @@ def bundled_path(name: str | Path, root: Path | None = None) -> Path | None:
     if "/" in text or "\\" in text or Path(text).exists():
         return None
     path = (root or bundle_root()) / text
-    return path if (path / "config.json").is_file() else None
+    return path if (path / CONFIG).is_file() else None
+
+
+def publish_run_copy(src: Path, dst: Path, files: Iterable[str] = SHIPPED_FILES) -> Path:
+    """Copy the named files that run folder ``src`` has into the folder ``dst``, published whole
+    (``FolderOutput``: a temporary folder renamed onto ``dst``, replacing an older copy of a run)."""
+    with FolderOutput(dst, force=True, marker=CONFIG).publish() as tmp:
+        for name in files:
+            if (Path(src) / name).exists():
+                shutil.copy2(Path(src) / name, tmp / name)
+    return Path(dst)
 
 
 def read_manifest(root: Path | None = None) -> dict[str, Any] | None:
