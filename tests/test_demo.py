@@ -76,5 +76,5 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
 def test_demo_refuses_to_delete_a_foreign_folder(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     proc = run_cli("demo", str(tmp_path), "--force")
-    assert proc.returncode == 2 and "not a vstain demo folder" in proc.stderr
+    assert proc.returncode == 2 and "holds no demo.json" in proc.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from vstain_cli.errors import InputError, OutputExistsError
+from vstain_cli.errors import InputError
+from vstain_cli.io.outputs import FolderOutput
 from vstain_cli.progress import NullProgress, Progress, info
 from vstain_cli.provenance import ensure_writable_dir, record, write_json
 
@@ -430,8 +431,7 @@ def run_demo(
     stage = stage or (lambda name, detail: None)
     out = Path(out)
     if force and out.exists():
-        if not (out / "demo.json").exists() and any(out.iterdir()):
-            raise OutputExistsError("is not a vstain demo folder; refusing to delete it with --force", out)
+        FolderOutput(out, force=True, marker="demo.json").check()  # --force deletes an earlier demo only
         shutil.rmtree(out)
     ensure_writable_dir(out)
     res = DemoResult(out)
