@@ -60,7 +60,7 @@ def main() -> None:
         mis = synth(root / "mis", args.slides, hw, args.channels, mpp, args.seed, force=True)
         misregister_pairs(mis, seed=args.seed, mpp=mpp)
         t0 = time.perf_counter()
-        reg_csv = register_pairs(mis, root / "registered", force=True)
+        reg_csv = register_pairs(mis, root / "registered", force=True).pairs_csv
         t_reg = time.perf_counter() - t0
         opts = TileOptions(size=128, stride=128, min_tissue=0.5)
         ds_clean = tile(clean, root / "ds-clean", opts, force=True)

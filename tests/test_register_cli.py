@@ -106,3 +106,40 @@ def test_bad_input_is_one_error_line(registered, tmp_path):
                           "made for another AF slide")
     assert_one_error_line(run_cli("tile", str(reg_csv), "--out", str(tmp_path / "d3"), "--max-shift", "0"),
                           "--max-shift")
+
+
+def test_failed_registration_is_named_kept_out_and_refused(registered, tmp_path):
+    """A scrambled H&E fails the quality bar: alone -> one error line, exit 2; beside a good pair -> a warning
+    naming it, a summary line, exit 0 (exit 2 with --strict), and tile refuses its registration.json."""
+    from test_registration import scrambled_he
+
+    root, _ = registered
+    scrambled_he(root / "mis" / "phantom-000.he.tif", tmp_path / "scrambled.he.tif")
+    af, good_he = root / "mis" / "phantom-000.af.ome.tif", root / "mis" / "phantom-000.he.tif"
+    (tmp_path / "bad.csv").write_text(f"slide_id,af,he,label\nbad,{af},scrambled.he.tif,1\n")
+    # --quiet: without it a log also gets the progress lines (stderr) before the error
+    assert_one_error_line(run_cli("register", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "r1"), "--quiet"),
+                          "scrambled.he.tif: registration failed: only", "tissue blocks matched",
+                          "bad.registration.json")
+    assert not (tmp_path / "r1" / "pairs.csv").exists()
+    (tmp_path / "mixed.csv").write_text(f"slide_id,af,he,label\ngood,{af},{good_he},0\n"
+                                        f"bad,{af},scrambled.he.tif,1\n")
+    proc = run_cli("register", str(tmp_path / "mixed.csv"), "--out", str(tmp_path / "r2"))
+    assert proc.returncode == 0, proc.stderr
+    warns = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warns) == 1 and "scrambled.he.tif: registration failed" in warns[0], proc.stderr
+    assert "kept out of pairs.csv" in warns[0]
+    assert "registered 1 of 2 pairs into" in proc.stderr and "kept out of it: bad" in proc.stderr
+    rows = (tmp_path / "r2" / "pairs.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["slide_id", "good"]
+    rec = json.loads((tmp_path / "r2" / "bad.registration.json").read_text())
+    assert rec["quality"]["passed"] is False and rec["quality"]["blocks_valid"] < 10
+    proc = run_cli("register", str(tmp_path / "mixed.csv"), "--out", str(tmp_path / "r3"), "--strict")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error:"), proc.stderr
+    assert "--strict" in proc.stderr and (tmp_path / "r3" / "pairs.csv").exists()
+    # a pairs.csv that names the failed registration anyway
+    (tmp_path / "r2" / "by-hand.csv").write_text(
+        f"slide_id,af,he,label,registration\nbad,{af},{tmp_path / 'scrambled.he.tif'},1,bad.registration.json\n")
+    assert_one_error_line(run_cli("tile", str(tmp_path / "r2" / "by-hand.csv"), "--out", str(tmp_path / "ds"),
+                                  "--quiet"),
+                          "bad.registration.json", "failed the quality bar")

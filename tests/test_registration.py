@@ -10,11 +10,13 @@ import pytest
 from vstain_cli.data.register_pairs import load_registration, register_pairs
 from vstain_cli.data.registration import (
     RegisterOptions,
+    Registration,
     alignment_check,
     estimate,
     fit_affine,
     he_view,
     patch_residual,
+    quality,
     shift_of,
 )
 from vstain_cli.data.synth.misregister import Misregistration, misregister_pairs, random_transform
@@ -24,6 +26,7 @@ from vstain_cli.data.warp import Transform, read_registered, transform_from_dict
 from vstain_cli.errors import InputError
 from vstain_cli.io.grid import tissue_mask_af
 from vstain_cli.io.slides import open_af, open_he
+from vstain_cli.io.tiff import write_pyramid
 
 MPP = 0.5
 
@@ -153,7 +156,9 @@ def test_patch_check_flags_shifted_patches(misregistered):
 
 def test_register_then_tile_keeps_aligned_patches(misregistered, tmp_path):
     root, clean, mis = misregistered
-    reg_csv = register_pairs(mis, tmp_path / "registered")
+    result = register_pairs(mis, tmp_path / "registered")
+    assert result.passed == ["phantom-000"] and not result.failed
+    reg_csv = result.pairs_csv
     text = reg_csv.read_text().splitlines()
     assert text[0].endswith(",registration") and text[1].endswith("phantom-000.registration.json")
     assert (tmp_path / "registered" / "phantom-000.registration.png").stat().st_size > 1000
@@ -187,3 +192,85 @@ def test_register_refuses_existing_output_and_bad_registration(misregistered, tm
         load_registration(tmp_path / "missing.json")
     with pytest.raises(ValueError):
         RegisterOptions(max_rotation=90).check()
+
+
+def scrambled_he(src, dst, cell: int = 64, seed: int = 0):
+    """``src`` H&E with its ``cell``-px squares shuffled: the same stain statistics, almost no matching place."""
+    with open_he(src) as he:
+        img = he.read_region(0, 0, he.width, he.height)
+    h, w = (img.shape[0] // cell) * cell, (img.shape[1] // cell) * cell
+    cells = img[:h, :w].reshape(h // cell, cell, w // cell, cell, 3).swapaxes(1, 2).reshape(-1, cell, cell, 3)
+    cells = cells[np.random.default_rng(seed).permutation(len(cells))]
+    out = img.copy()
+    out[:h, :w] = cells.reshape(h // cell, w // cell, cell, cell, 3).swapaxes(1, 2).reshape(h, w, 3)
+    write_pyramid(dst, iter([out]), img.shape[1], img.shape[0], 3, np.uint8, mpp=MPP, compression="zlib")
+    return dst
+
+
+def _reg(affine, valid=40, tissue=50, shift=0.2) -> Registration:
+    stats = {"blocks_valid": valid, "blocks_tissue": tissue, "pass2_shift_um_median": shift}
+    return Registration(Transform(np.asarray(affine, float)), np.zeros((1, 1)), np.ones((1, 1), bool), MPP, stats)
+
+
+def test_fill_with_a_single_valid_node_ends():
+    """A lone matched block on a large grid (a failed registration) fills the grid with its value, and ends
+    (the normalised convolution's density never reaches its threshold: sigma used to grow without bound)."""
+    from vstain_cli.data.registration import _fill
+
+    values, valid = np.zeros((48, 48)), np.zeros((48, 48), bool)
+    values[3, 40], valid[3, 40] = 7.0, True
+    out = _fill(values, valid)
+    assert np.allclose(out, 7.0)
+
+
+def test_quality_bar_reasons():
+    o = RegisterOptions()
+    c, s = np.cos(np.deg2rad(3.0)), np.sin(np.deg2rad(3.0))
+    good = quality(_reg([[c, -s, 3.0], [s, c, -4.0]]), o, 1.0)
+    assert good["passed"] and not good["reasons"] and good["rotation_deg"] == pytest.approx(3.0, abs=0.01)
+    assert good["matched"] == 0.8 and good["scale"] == pytest.approx([1.0, 1.0], abs=1e-3)
+    few = quality(_reg(np.eye(2, 3), valid=2, tissue=53, shift=15.0), o, 1.0)
+    assert not few["passed"] and few["reasons"][0].startswith("only 2 of 53 tissue blocks matched")
+    assert "not converged" in few["reasons"][1]
+    assert "only 9 of 20" in quality(_reg(np.eye(2, 3), valid=9, tissue=20), o, 1.0)["reasons"][0]  # < min_blocks
+    assert "only 12 of 60" in quality(_reg(np.eye(2, 3), valid=12, tissue=60), o, 1.0)["reasons"][0]  # < 25 %
+    mirror = quality(_reg([[-1.0, 0, 0], [0, 1.0, 0]]), o, 1.0)
+    assert mirror["mirrored"] and mirror["reasons"] == ["the affine mirrors the section"]
+    assert "rotation 30.0°" in quality(_reg([[0.866, -0.5, 0], [0.5, 0.866, 0]]), o, 1.0)["reasons"][0]
+    assert "implausible scale" in quality(_reg([[1.3, 0, 0], [0, 1.0, 0]]), o, 1.0)["reasons"][0]
+    # the scale is judged against the pixel-size ratio: an H&E at half the AF's µm/px maps 1 AF px to 2 H&E px
+    assert quality(_reg([[2.0, 0, 0], [0, 2.0, 0]]), o, 2.0)["passed"]
+    with pytest.raises(ValueError, match="--min-blocks"):
+        RegisterOptions(min_blocks=2).check()
+
+
+def test_misregistered_pair_fails_the_bar_and_is_kept_out(misregistered, tmp_path):
+    """A scrambled H&E (a few blocks match by chance) fails; the good pair still passes; tile refuses the failed."""
+    root, _, mis = misregistered
+    scrambled_he(root / "mis" / "phantom-000.he.tif", tmp_path / "scrambled.he.tif")
+    af = root / "mis" / "phantom-000.af.ome.tif"
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"slide_id,af,he,label\ngood,{af},{root / 'mis' / 'phantom-000.he.tif'},0\n"
+                     f"bad,{af},scrambled.he.tif,1\n")
+    result = register_pairs(pairs, tmp_path / "reg")
+    assert result.passed == ["good"] and list(result.failed) == ["bad"]
+    assert "scrambled.he.tif: registration failed: only " in result.failed["bad"]
+    rows = result.pairs_csv.read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("good,") and "bad" not in result.pairs_csv.read_text()
+    q_bad = json.loads((tmp_path / "reg" / "bad.registration.json").read_text())["quality"]
+    q_good = json.loads((tmp_path / "reg" / "good.registration.json").read_text())["quality"]
+    assert not q_bad["passed"] and q_bad["blocks_valid"] < 10 and q_bad["matched"] < 0.25, q_bad
+    assert q_good["passed"] and q_good["matched"] > 0.8 and q_good["pass2_shift_um_median"] < 0.5, q_good
+    assert (tmp_path / "reg" / "bad.registration.png").exists()  # kept for inspection
+    with pytest.raises(InputError, match="failed the quality bar"):
+        load_registration(tmp_path / "reg" / "bad.registration.json")
+    # a pairs.csv that names the failed registration anyway: tile refuses it
+    (tmp_path / "reg" / "by-hand.csv").write_text(
+        f"slide_id,af,he,label,registration\nbad,{af},{tmp_path / 'scrambled.he.tif'},1,bad.registration.json\n")
+    with pytest.raises(InputError, match="bad.registration.json: this registration failed the quality bar"):
+        tile(tmp_path / "reg" / "by-hand.csv", tmp_path / "ds", TileOptions(size=64, stride=64))
+    # only the failed pair: InputError naming the H&E file, and no pairs.csv
+    (tmp_path / "bad.csv").write_text(f"slide_id,af,he,label\nbad,{af},scrambled.he.tif,1\n")
+    with pytest.raises(InputError, match="scrambled.he.tif: registration failed: only") as e:
+        register_pairs(tmp_path / "bad.csv", tmp_path / "reg-bad")
+    assert "\n" not in str(e.value) and not (tmp_path / "reg-bad" / "pairs.csv").exists()

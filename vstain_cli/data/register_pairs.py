@@ -7,6 +7,12 @@ validity, the fingerprints of both slides, provenance) and
 registered H&E thumbnail; unmeasured nodes stay grey). ``pairs.csv`` in the
 output folder repeats the input rows with paths made relative to it and a
 ``registration`` column.
+
+A pair whose registration is below the quality bar (``registration.quality``)
+is *failed*: its JSON (``quality.passed: false``, the numbers and reasons) and
+picture are written for inspection, but it is kept out of ``pairs.csv`` and
+``load_registration`` refuses it. If every pair fails, nothing else is written
+and an ``InputError`` names the H&E file(s) and the reasons.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +43,7 @@ def registration_record(pair: SlidePair, reg: Registration, af_size, he_size, op
         "af": fingerprint(pair.af), "he": fingerprint(pair.he),
         "transform": transform_to_dict(reg.transform),
         "confidence": reg.confidence.tolist(), "valid": reg.valid.astype(int).tolist(),
-        "stats": reg.stats,
+        "stats": reg.stats, "quality": reg.quality,
         **record({"register": asdict(options)}),
     }
 
@@ -45,7 +51,8 @@ def registration_record(pair: SlidePair, reg: Registration, af_size, he_size, op
 def load_registration(path: str | Path, pair: SlidePair | None = None) -> Transform:
     """The transform of a registration (or ground-truth) JSON; InputError naming the file if unusable.
 
-    With ``pair``, the recorded slide fingerprints must match its files.
+    With ``pair``, the recorded slide fingerprints must match its files. A record
+    whose ``quality`` did not pass is refused (truth files carry no ``quality``).
     """
     path = Path(path)
     try:
@@ -61,6 +68,11 @@ def load_registration(path: str | Path, pair: SlidePair | None = None) -> Transf
             rec = obj.get(key)
             if isinstance(rec, dict) and rec.get("sha256_head_tail") != fingerprint(src)["sha256_head_tail"]:
                 raise InputError(f"was made for another {key.upper()} slide than {src.name}; rerun vstain register", path)
+    q = obj.get("quality")
+    if isinstance(q, dict) and not q.get("passed", False):
+        why = "; ".join(q.get("reasons") or []) or "no reason recorded"
+        raise InputError(f"this registration failed the quality bar ({why}); it is never used: "
+                         "check the pair, or rerun vstain register with other options", path)
     try:
         return transform_from_dict(obj["transform"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -91,11 +103,24 @@ def _rel(path: Path, folder: Path) -> str:
     return os.path.relpath(path, folder.resolve())
 
 
+@dataclass
+class RegisterResult:
+    """What ``register_pairs`` wrote: the new pairs.csv, the ids kept in it, and the failed pairs."""
+
+    pairs_csv: Path
+    passed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # slide id -> one line: H&E file and reasons
+
+
 def register_pairs(
     pairs_csv: str | Path, out: str | Path, options: RegisterOptions | None = None, *,
     mpp: float | None = None, force: bool = False, progress: Progress | None = None,
-) -> Path:
-    """Register every pair of ``pairs_csv`` into folder ``out``; returns the new pairs.csv."""
+) -> RegisterResult:
+    """Register every pair of ``pairs_csv`` into folder ``out``.
+
+    Pairs below the quality bar are kept out of the new pairs.csv and warned
+    about (one line each); if none passes, InputError and no pairs.csv.
+    """
     options = options or RegisterOptions()
     with input_errors():
         options.check()
@@ -109,7 +134,7 @@ def register_pairs(
         raise OutputExistsError("holds a registered pairs.csv; pass --force to redo it", out)
     ensure_writable_dir(out)
     progress.start("slides", "register", len(pairs))
-    rows = []
+    rows, failed, why = [], {}, {}
     for p in pairs:
         with open_af(p.af) as af, open_he(p.he) as he:
             m_af = af.mpp or he.mpp or mpp
@@ -123,12 +148,24 @@ def register_pairs(
             rec = registration_record(p, reg, (af.width, af.height), (he.width, he.height), options)
             write_json(out / f"{p.slide_id}.registration.json", rec)
             write_png(out / f"{p.slide_id}.registration.png", quality_picture(af, he, reg))
-        if reg.stats.get("blocks_valid", 0) < 3:
-            progress.warn(f"{p.he}: only {reg.stats.get('blocks_valid', 0)} tissue blocks could be matched; "
-                          "the residual grid is the affine alone")
+        progress.advance("slides")
+        if not reg.passed:
+            why[p.slide_id] = (p.he, "; ".join(reg.quality["reasons"]))
+            failed[p.slide_id] = f"{p.he}: registration failed: {why[p.slide_id][1]}"
+            continue
         rows.append([p.slide_id, _rel(p.af, out), _rel(p.he, out), p.label, p.split or "",
                      f"{p.slide_id}.registration.json"])
-        progress.advance("slides")
+    progress.finish("slides")
+    if not rows:  # one line naming the H&E file(s) and the reasons; the JSONs stay for inspection
+        if len(why) == 1:
+            sid, (he_path, reason) = next(iter(why.items()))
+            raise InputError(f"registration failed: {reason} (numbers in {out / f'{sid}.registration.json'}); "
+                             "no pairs.csv written", he_path)
+        raise InputError(f"registration failed for all {len(why)} pairs, no pairs.csv written "
+                         f"(numbers in {out}/*.registration.json): "
+                         + " | ".join(f"{h.name}: {r}" for h, r in why.values()), pairs_csv)
+    for sid, line in failed.items():
+        progress.warn(f"{line}; kept out of pairs.csv (numbers in {sid}.registration.json)")
     with atomic_output(new_csv) as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
@@ -136,4 +173,4 @@ def register_pairs(
             w.writerow(["slide_id", "af", "he", "label", *(["split"] if has_split else []), "registration"])
             for r in rows:
                 w.writerow(r[:4] + ([r[4]] if has_split else []) + [r[5]])
-    return new_csv
+    return RegisterResult(new_csv, [r[0] for r in rows], failed)

@@ -17,6 +17,8 @@ hematoxylin, which is bright exactly where AF is dark (nuclei).
    sub-pixel upsampling; the shift, its confidence (normalised cross-correlation
    after the shift) and a validity flag are kept per grid node; rejected nodes
    are filled from their neighbours (normalised convolution).
+4. Quality bar (``quality``): enough matched tissue blocks, a converged second
+   pass and a plausible affine, or the registration is marked failed.
 
 Phase correlation: Kuglin & Hines 1975; sub-pixel refinement by upsampled
 matrix-multiply DFT, Guizar-Sicairos, Thurman & Fienup 2008
@@ -37,7 +39,7 @@ from vstain_cli.io.grid import tissue_mask_af
 from vstain_cli.progress import NullProgress, Progress
 
 FORMAT = "vstain-registration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records carry ``quality`` (a failed one is never used)
 
 
 @dataclass
@@ -51,12 +53,25 @@ class RegisterOptions:
     step_um: float = 64.0  # grid spacing of the residual shifts (blocks overlap)
     min_confidence: float = 0.3  # blocks whose correlation after the shift is lower are rejected
     min_tissue: float = 0.3  # blocks with less AF tissue are not measured
+    # the quality bar (see ``quality``): below it a pair's registration is failed, never used
+    min_blocks: int = 10  # matched tissue blocks, at least
+    min_matched: float = 0.25  # matched / measured tissue blocks, at least
+    max_residual_um: float = 1.5  # median shift the second pass still measures at matched blocks, at most
+    max_scale_change: float = 0.15  # each axis of the affine within 1 +- this of the pixel-size ratio
 
     def check(self) -> None:
         if not 0 <= self.max_rotation <= 45:
             raise ValueError("--max-rotation must be between 0 and 45 degrees")
         if min(self.coarse_um, self.affine_um, self.block_um, self.step_um) <= 0:
             raise ValueError("registration scales must be positive")
+        if self.min_blocks < 3:
+            raise ValueError("--min-blocks must be at least 3 (an affine needs 3 points)")
+        if not 0 <= self.min_matched <= 1:
+            raise ValueError("--min-matched must be between 0 and 1")
+        if self.max_residual_um <= 0:
+            raise ValueError("--max-residual must be positive")
+        if not 0 < self.max_scale_change < 1:
+            raise ValueError("--max-scale-change must be between 0 and 1")
 
 
 @dataclass
@@ -68,6 +83,11 @@ class Registration:
     valid: np.ndarray  # (ny, nx) bool: measured and accepted
     mpp: float
     stats: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)  # see ``quality``
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.quality.get("passed", False))
 
 
 # ----------------------------------------------------------------------------- views
@@ -229,13 +249,16 @@ def _fill(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     out = values.copy()
     sigma = 1.0
     todo = ~valid
-    while todo.any():
+    while todo.any() and sigma <= max(values.shape):
         num = gaussian_filter(np.where(valid, values, 0.0), sigma, mode="nearest")
         den = gaussian_filter(valid.astype(np.float64), sigma, mode="nearest")
         ok = todo & (den > 1e-3)
         out[ok] = num[ok] / den[ok]
         todo &= ~ok
         sigma *= 2
+    # a kernel wider than the grid weighs all valid nodes alike: the limit is their mean (a few valid
+    # nodes on a large grid never reach the density threshold; growing sigma further only costs memory)
+    out[todo] = values[valid].mean()
     return out
 
 
@@ -262,6 +285,7 @@ def _measure(af_reader, he_reader, t: Transform, xs: np.ndarray, ys: np.ndarray,
     shift = np.zeros((ny, nx, 2))
     conf = np.zeros((ny, nx))
     measured = np.zeros((ny, nx), bool)
+    tried = np.zeros((ny, nx), bool)  # tissue blocks whose H&E lies on the slide
     progress.start(key, f"{key}: residual blocks", ny * nx)
     for j, cy in enumerate(ys):
         for i, cx in enumerate(xs):
@@ -277,13 +301,14 @@ def _measure(af_reader, he_reader, t: Transform, xs: np.ndarray, ys: np.ndarray,
             if not ((u > 0) & (v > 0) & (u < he_reader.width - 1) & (v < he_reader.height - 1)).mean() > 0.75:
                 continue  # the block's H&E lies mostly outside the H&E slide
             b = he_view(read_at(he_reader, u, v, cval=GLASS_RGB))
+            tried[j, i] = True
             s, c = shift_of(a, b, upsample=20)
             conf[j, i] = max(c, 0.0)
             if c >= o.min_confidence and np.abs(s).max() <= block / 4:
                 shift[j, i] = s
                 measured[j, i] = True
     progress.finish(key)
-    return shift, conf, measured
+    return shift, conf, measured, tried
 
 
 def residual_grid(af_reader, he_reader, t: Transform, af_mask: np.ndarray, mask_ds: float, mpp: float,
@@ -303,7 +328,7 @@ def residual_grid(af_reader, he_reader, t: Transform, af_mask: np.ndarray, mask_
     dx, dy = np.zeros((ny, nx)), np.zeros((ny, nx))
     current = t
     for _ in range(2):
-        s, conf, measured = _measure(af_reader, he_reader, current, xs, ys, block, af_mask, mask_ds, o, progress, key)
+        s, conf, measured, tried = _measure(af_reader, he_reader, current, xs, ys, block, af_mask, mask_ds, o, progress, key)
         mdx = dx - (lin[0, 0] * s[..., 1] + lin[0, 1] * s[..., 0])  # T(p - s) - T(p) = -J s
         mdy = dy - (lin[1, 0] * s[..., 1] + lin[1, 1] * s[..., 0])
         valid = _consistent(mdx, mdy, measured, far=10.0 / mpp)
@@ -316,9 +341,13 @@ def residual_grid(af_reader, he_reader, t: Transform, af_mask: np.ndarray, mask_
         dx, dy = _fill(np.where(valid, mdx, 0.0), valid), _fill(np.where(valid, mdy, 0.0), valid)
         current = Transform(t.affine, origin, step, dx, dy)
     shifts = np.sqrt(dx**2 + dy**2)[valid] * mpp
-    stats = {"blocks_measured": int(measured.sum()), "blocks_valid": int(valid.sum()), "block_px": block,
+    last = np.hypot(s[..., 0], s[..., 1])[valid] * mpp  # what the second pass still moved (AF px -> µm)
+    stats = {"blocks_tissue": int(tried.sum()), "blocks_measured": int(measured.sum()),
+             "blocks_valid": int(valid.sum()), "block_px": block,
              "residual_um_median": float(np.median(shifts)) if shifts.size else None,
-             "residual_um_max": float(shifts.max()) if shifts.size else None}
+             "residual_um_max": float(shifts.max()) if shifts.size else None,
+             "pass2_shift_um_median": float(np.median(last)) if last.size else None,
+             "confidence_median": float(np.median(conf[valid])) if valid.any() else None}
     return Registration(current, np.round(conf, 3), valid, mpp, stats)
 
 
@@ -344,7 +373,61 @@ def estimate(af_reader, he_reader, mpp_af: float, mpp_he: float, options: Regist
     # 3. residual grid at full resolution
     reg = residual_grid(af_reader, he_reader, t, mask2, ds_a2, mpp_af, o, progress, key)
     reg.stats = {"rigid_ncc": round(rigid_ncc, 4), "affine_correspondences": kept, **reg.stats}
+    reg.quality = quality(reg, o, mpp_af / mpp_he)
     return reg
+
+
+def affine_shape(affine: np.ndarray) -> tuple[float, float, float, float]:
+    """(rotation in degrees, larger and smaller axis scale, determinant) of a 2x3 affine's linear part.
+
+    The axis scales are the singular values; the rotation is that of the
+    closest similarity, atan2(a10 - a01, a00 + a11).
+    """
+    lin = np.asarray(affine, np.float64)[:, :2]
+    s = np.linalg.svd(lin, compute_uv=False)
+    angle = float(np.degrees(np.arctan2(lin[1, 0] - lin[0, 1], lin[0, 0] + lin[1, 1])))
+    return angle, float(s[0]), float(s[1]), float(np.linalg.det(lin))
+
+
+def quality(reg: Registration, o: RegisterOptions, expected_scale: float) -> dict:
+    """The quality bar of a registration: its numbers, ``passed`` and the ``reasons`` it failed.
+
+    A registration passes when
+    - enough tissue blocks matched: at least ``min_blocks`` and a ``min_matched``
+      share of the tissue blocks measured (random matches of unrelated or
+      misplaced images are few and isolated);
+    - it converged: the median shift the second residual pass still measures at
+      matched blocks is at most ``max_residual_um`` (random peaks move by microns);
+    - its affine is plausible: no mirror, a rotation within the searched range
+      (+1 degree of refinement), each axis scale within 1 +- ``max_scale_change``
+      of the pixel-size ratio ``expected_scale`` (H&E px per AF px).
+    """
+    st = reg.stats
+    valid, tissue = int(st.get("blocks_valid", 0)), int(st.get("blocks_tissue", 0))
+    matched = valid / tissue if tissue else 0.0
+    shift = st.get("pass2_shift_um_median")
+    angle, s_max, s_min, det = affine_shape(reg.transform.affine)
+    lo, hi = s_min / expected_scale, s_max / expected_scale
+    reasons = []
+    if valid < o.min_blocks or matched < o.min_matched:
+        reasons.append(f"only {valid} of {tissue} tissue blocks matched "
+                       f"(need >= {o.min_blocks} and >= {o.min_matched:.0%})")
+    if shift is not None and shift > o.max_residual_um:
+        reasons.append(f"not converged: matched blocks still moved {shift:.2f} µm (median) in the second pass "
+                       f"(> {o.max_residual_um:g} µm)")
+    if det <= 0:
+        reasons.append("the affine mirrors the section")
+    elif abs(angle) > o.max_rotation + 1.0:
+        reasons.append(f"rotation {angle:.1f}° beyond the searched ±{o.max_rotation:g}°")
+    if det > 0 and (lo < 1 - o.max_scale_change or hi > 1 + o.max_scale_change):
+        reasons.append(f"implausible scale {lo:.3f}-{hi:.3f} of the pixel-size ratio "
+                       f"(allowed 1 ± {o.max_scale_change:g})")
+    return {"passed": not reasons, "reasons": reasons, "blocks_valid": valid, "blocks_tissue": tissue,
+            "matched": round(matched, 3), "pass2_shift_um_median": None if shift is None else round(shift, 3),
+            "rotation_deg": round(angle, 3), "scale": [round(lo, 4), round(hi, 4)], "mirrored": det <= 0,
+            "bar": {"min_blocks": o.min_blocks, "min_matched": o.min_matched,
+                    "max_residual_um": o.max_residual_um, "max_scale_change": o.max_scale_change,
+                    "max_rotation": o.max_rotation + 1.0}}
 
 
 def _to_level0(t_view: Transform, ds_a: float, ds_h: float) -> Transform:
