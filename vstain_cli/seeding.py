@@ -53,5 +53,12 @@ def torch_generator(seed: int, device: "str | torch.device" = "cpu") -> "torch.G
 
 
 def numpy_rng(seed: int, *stream: int) -> np.random.Generator:
-    """A numpy generator for (seed, *stream): ``default_rng([seed, *stream])``."""
+    """A numpy generator for (seed, *stream): ``default_rng([seed, *stream])``, ``default_rng(seed)`` alone."""
     return np.random.default_rng([int(seed), *map(int, stream)] if stream else int(seed))
+
+
+def seed_torch(seed: int) -> None:
+    """Seed torch's global generators (weight initialisation, dropout): the only global seeding."""
+    import torch
+
+    torch.manual_seed(int(seed))

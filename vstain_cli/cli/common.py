@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import shutil
@@ -30,11 +29,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.progress import (
-    Progress as RichBars,
+    Progress as RichProgressDisplay,
 )
 
 from vstain_cli.errors import VstainError
-from vstain_cli.progress import Interrupted
+from vstain_cli.progress import Interrupted, LogProgress, emit_json, format_field, write_line
 
 # tifffile logs parse problems of bad files; our errors already name them in one line
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)
@@ -293,201 +292,22 @@ def progress_mode() -> str:
     return "log"
 
 
-def log_stream() -> Any:
-    """Where progress lines and JSON events go: stderr (stdout is for results)."""
-    return sys.stderr
-
-
 def stage_line(name: str, detail: str) -> None:
     """A section header: a rule in a terminal, one plain line in a log."""
     mode = progress_mode()
     if mode == "rich":
         console.rule(f"[bold]{name}[/] [dim]{detail}[/]", align="left")
     elif mode == "json":
-        _emit_json({"event": "stage", "stage": name, "detail": detail})
+        emit_json({"event": "stage", "stage": name, "detail": detail})
     elif mode == "log":
-        _write_line(f"{time.strftime('%H:%M:%S')} == {name}: {detail}")
+        write_line(f"{time.strftime('%H:%M:%S')} == {name}: {detail}")
 
 
-_write_lock = threading.Lock()
-
-
-def _write_line(line: str) -> None:
-    stream = log_stream()
-    with _write_lock:
-        stream.write(line + "\n")
-        stream.flush()
-
-
-def _emit_json(event: dict[str, Any]) -> None:
-    stream = log_stream()
-    with _write_lock:
-        stream.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
-        stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def _fmt_field(k: str, v: Any) -> str:
-    if isinstance(v, float):
-        return f"{k} {v:.4g}"
-    return f"{k} {v}"
-
-
-class _Task:
-    def __init__(self, description: str, total: int | None) -> None:
-        self.description, self.total = description, total
-        self.done = 0
-        self.t0 = time.monotonic()
-        self.fields: dict[str, Any] = {}
-        self.phase: str | None = None
-
-    def numbers(self) -> dict[str, Any]:
-        elapsed = time.monotonic() - self.t0
-        rate = self.done / elapsed if elapsed > 0 and self.done else None
-        eta = (self.total - self.done) / rate if rate and self.total is not None else None
-        return {"done": self.done, "total": self.total, "elapsed_s": round(elapsed, 1),
-                "rate": None if rate is None else round(rate, 3), "eta_s": None if eta is None else round(eta, 1)}
-
-    def line(self, finished: bool = False) -> str:
-        n = self.numbers()
-        count = f"{n['done']}/{n['total']}" if n["total"] is not None else f"{n['done']}"
-        parts = [f"{self.description}: {'done ' if finished else ''}{count}"]
-        if n["total"] and not finished:
-            parts.append(f"{100 * n['done'] / n['total']:.0f}%")
-        if n["rate"]:
-            parts.append(f"{n['rate']:.3g}/s")
-        if finished:
-            parts.append(f"in {_clock(n['elapsed_s'])}")
-        elif n["eta_s"] is not None:
-            parts.append(f"eta {_clock(n['eta_s'])}")
-        parts += [_fmt_field(k, v) for k, v in self.fields.items()]
-        if self.phase and not finished:
-            parts.append(f"[{self.phase}]")
-        return " ".join(parts)
-
-
-class LogProgress:
-    """Progress as plain lines (``json=False``) or JSON objects, never wrapped.
-
-    A line every ``interval`` seconds (VSTAIN_PROGRESS_INTERVAL, default 30) for
-    the running tasks, and one at each stage boundary: a task's end, a phase
-    (validation, sample grid, checkpoint), an info message. ``quiet`` prints
-    warnings only.
-    """
-
-    def __init__(self, json_lines: bool = False, quiet: bool = False, interval: float | None = None) -> None:
-        self.json, self.quiet = json_lines, quiet
-        self.interval = interval if interval is not None else float(os.environ.get("VSTAIN_PROGRESS_INTERVAL", 30))
-        self.tasks: dict[str, _Task] = {}
-        self.finished_at: dict[str, float] = {}
-        self.last = ""  # description of the latest task started or finished
-        self.warnings: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "LogProgress":
-        if not self.quiet:
-            self._thread = threading.Thread(target=self._beat, name="vstain-progress", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.heartbeat()
-
-    def heartbeat(self) -> None:
-        """Write the state of every running task (one line, or one JSON object per task)."""
-        with self._lock:  # a task at its total that was never finished has nothing more to say
-            tasks = [(k, t) for k, t in self.tasks.items() if t.total is None or t.done < t.total or t.phase]
-        if self.quiet:
-            return
-        if not tasks:  # between tasks (writing, bootstrap): say it is alive, and after what
-            if self.json:
-                _emit_json({"event": "heartbeat", "after": self.last})
-            else:
-                _write_line(f"{time.strftime('%H:%M:%S')} working (after: {self.last or 'start'})")
-            return
-        if self.json:
-            for key, t in tasks:
-                self._json("progress", key, t)
-        else:
-            _write_line(f"{time.strftime('%H:%M:%S')} " + " | ".join(t.line() for _, t in tasks))
-
-    def _json(self, event: str, key: str, t: _Task) -> None:
-        _emit_json({"event": event, "task": key, "description": t.description, **t.numbers(),
-                    "phase": t.phase, **t.fields})
-
-    def start(self, key: str, description: str, total: int | None) -> None:
-        t = _Task(description, total)
-        with self._lock:
-            self.tasks[key] = t
-        self.last = description
-        if self.json and not self.quiet:
-            self._json("start", key, t)
-
-    def advance(self, key: str, n: int = 1) -> None:
-        t = self.tasks.get(key)
-        if t is not None:
-            t.done += n
-
-    def update(self, key: str, **fields: Any) -> None:
-        t = self.tasks.get(key)
-        if t is None:
-            return
-        phase = fields.pop("phase", t.phase)
-        t.fields.update(fields)
-        if phase != t.phase:
-            t.phase = phase
-            if phase and not self.quiet:
-                if self.json:
-                    self._json("phase", key, t)
-                else:
-                    _write_line(f"{time.strftime('%H:%M:%S')} {t.line()}")
-
-    def finish(self, key: str) -> None:
-        with self._lock:
-            t = self.tasks.pop(key, None)
-        if t is None or self.quiet:
-            return
-        self.last = t.description
-        now = time.monotonic()
-        if self.json:
-            self._json("finish", key, t)
-        elif now - self.finished_at.get(key, -1e9) >= self.interval:  # per-region tasks: at most one a period
-            _write_line(f"{time.strftime('%H:%M:%S')} {t.line(finished=True)}")
-            self.finished_at[key] = now
-
-    def info(self, message: str) -> None:
-        if self.quiet:
-            return
-        if self.json:
-            _emit_json({"event": "info", "message": message})
-        else:
-            _write_line(f"{time.strftime('%H:%M:%S')} {message}")
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-        if self.json:  # stderr stays one JSON object per line
-            _emit_json({"event": "warning", "message": message})
-            return
-        console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
-
-
-class _RichBars:
-    """The core's Progress protocol drawn as rich progress bars (a terminal)."""
+class RichBars:
+    """The core's Progress protocol drawn as rich progress bars (a terminal, on stderr)."""
 
     def __init__(self) -> None:
-        self.bars = RichBars(
+        self.bars = RichProgressDisplay(
             SpinnerColumn(),
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
@@ -505,7 +325,7 @@ class _RichBars:
         self.fields: dict[str, dict[str, Any]] = {}
         self.warnings: list[str] = []
 
-    def __enter__(self) -> "_RichBars":
+    def __enter__(self) -> "RichBars":
         self.bars.__enter__()
         return self
 
@@ -534,7 +354,7 @@ class _RichBars:
             return
         phase = fields.pop("phase", "keep")
         self.fields[key].update(fields)
-        info = " ".join(_fmt_field(k, v) for k, v in self.fields[key].items())
+        info = " ".join(format_field(k, v) for k, v in self.fields[key].items())
         if phase != "keep":
             desc = self.base[key] + (f" [cyan]· {phase}[/]" if phase else "")
             self.bars.update(task_id, description=desc, info=info)
@@ -557,41 +377,17 @@ class _RichBars:
         console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
-class RichProgress:
-    """The CLI's Progress: rich bars in a terminal, plain lines in a log, JSON with
-    --log-json, nothing with --quiet (or ``enabled=False``, e.g. non-zero ranks)."""
+def cli_progress(enabled: bool = True) -> RichBars | LogProgress:
+    """The CLI's Progress, by ``progress_mode``: rich bars in a terminal, plain lines in a log, JSON
+    with --log-json, warnings only with --quiet (or ``enabled=False``, e.g. non-zero ranks).
+    All on stderr; use as a context manager."""
+    mode = progress_mode() if enabled else "quiet"
+    return RichBars() if mode == "rich" else LogProgress(json_lines=mode == "json", quiet=mode == "quiet")
 
-    def __init__(self, enabled: bool = True) -> None:
-        mode = progress_mode() if enabled else "quiet"
-        self.mode = mode
-        self.backend: Any = _RichBars() if mode == "rich" else LogProgress(json_lines=mode == "json",
-                                                                           quiet=mode == "quiet")
-        self.warnings: list[str] = self.backend.warnings
 
-    def __enter__(self) -> "RichProgress":
-        self.backend.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.backend.__exit__(*exc)
-
-    def start(self, key: str, description: str, total: int | None) -> None:
-        self.backend.start(key, description, total)
-
-    def advance(self, key: str, n: int = 1) -> None:
-        self.backend.advance(key, n)
-
-    def finish(self, key: str) -> None:
-        self.backend.finish(key)
-
-    def update(self, key: str, **fields: Any) -> None:
-        self.backend.update(key, **fields)
-
-    def info(self, message: str) -> None:
-        self.backend.info(message)
-
-    def warn(self, message: str) -> None:
-        self.backend.warn(message)
+# The former name, still imported by cli/uncertainty.py, cli/calibrate.py and cli/register.py; remove it
+# once they call cli_progress.
+RichProgress = cli_progress
 
 
 # ----------------------------------------------------------------------------- shared options

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import typer
 
 from vstain_cli.cli.common import (
-    RichProgress,
+    cli_progress,
     device_option,
     force_option,
     handles_errors,
@@ -60,7 +60,7 @@ def demo(
                           phantom_seed=phantom_seed, reuse_bundled_calibration=reuse_bundled_calibration)
     t0 = time.perf_counter()
 
-    with RichProgress() as progress:
+    with cli_progress() as progress:
         res = run_demo(out_dir, options, force=force, progress=progress, stage=stage_line)
 
     stage_line("done", f"{time.perf_counter() - t0:.0f} s")

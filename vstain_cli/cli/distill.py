@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from vstain_cli.cli.common import (
-    RichProgress,
+    cli_progress,
     device_option,
     force_option,
     handles_errors,
@@ -64,7 +64,7 @@ def distill(
     name = teacher.name + ("-intervals" if intervals else f"-distill{steps}")
     target = out_dir or Path("runs") / name
     main = place().is_main
-    with removes_new_outputs(target), RichProgress(enabled=main) as progress:
+    with removes_new_outputs(target), cli_progress(enabled=main) as progress:
         result = run_distill(teacher, target, options, data=data, device=device, resume=resume, force=force,
                              progress=progress)
     if not main:

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from vstain_cli.cli.common import (
-    RichProgress,
+    cli_progress,
     console,
     device_option,
     force_option,
@@ -98,7 +98,7 @@ def score(
         device=device, grid_rows=grid_rows, out_dir=out_dir, force=force,
         uncertainty_samples=uncertainty_samples, uncertainty_rows=uncertainty_rows, noise_check=noise_check,
     )
-    with removes_new_outputs(out_dir), RichProgress() as prog:
+    with removes_new_outputs(out_dir), cli_progress() as prog:
         result = evaluate(options, prog)
     print_score_table(result.results)
     from vstain_cli.score.report import sampling_label

@@ -18,10 +18,10 @@ from vstain_cli.cli.common import (
     Overlap,
     Protocol,
     Region,
-    RichProgress,
     Sampler,
     Seed,
     Steps,
+    cli_progress,
     console,
     handles_errors,
 )
@@ -55,7 +55,7 @@ def stain(
     options = StainOptions(sampler=sampler, steps=steps, eta=eta, protocol=protocol, batch_size=batch_size,
                            overlap=overlap, region=region, device=device, seed=seed, quality=quality, mpp=mpp,
                            out_format=out_format)
-    with RichProgress() as progress:
+    with cli_progress() as progress:
         result = stain_slide(af, model, out, options, force=force, progress=progress)
     if result.thumbnail is None:  # a non-zero torchrun rank
         return

@@ -8,7 +8,7 @@ from typing import Tuple
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, console, force_option, handles_errors, seed_option
+from vstain_cli.cli.common import cli_progress, console, force_option, handles_errors, seed_option
 
 
 @handles_errors
@@ -36,7 +36,7 @@ def synth(
     if af_compression not in ("none", "zstd", "zlib"):
         raise InputError(f"unknown --af-compression {af_compression!r} (none, zstd or zlib)")
     t0 = time.perf_counter()
-    with RichProgress() as progress:
+    with cli_progress() as progress:
         csv_path = run_synth(out, slides, hw, channels, mpp, seed, workers=workers,
                              af_compression=None if af_compression == "none" else af_compression,
                              force=force, progress=progress)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, console, force_option, handles_errors, out
+from vstain_cli.cli.common import cli_progress, console, force_option, handles_errors, out
 
 
 @handles_errors
@@ -32,7 +32,7 @@ def tile(
     t0 = time.perf_counter()
     options = TileOptions(size=size, stride=stride, min_tissue=min_tissue, split_seed=split_seed,
                           max_shift=max_shift)
-    with RichProgress() as progress:
+    with cli_progress() as progress:
         summary = run_tile(pairs, out_dir, options, workers=workers, force=force, progress=progress)
     dt = time.perf_counter() - t0
 

@@ -11,7 +11,7 @@ import tomllib
 import typer
 
 from vstain_cli.cli.common import (
-    RichProgress,
+    cli_progress,
     device_option,
     force_option,
     handles_errors,
@@ -68,7 +68,7 @@ def train(
     p = load_preset(preset).with_train(steps=steps, batch_size=batch_size, lr=lr, precision=precision, seed=seed)
     target = out_dir or Path("runs") / p.name
     main = place().is_main
-    with removes_new_outputs(target), RichProgress(enabled=main) as progress:
+    with removes_new_outputs(target), cli_progress(enabled=main) as progress:
         result = run_training(p, data, target, device=device, resume=resume, force=force, progress=progress)
     if not main:
         return

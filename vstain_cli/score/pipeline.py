@@ -35,7 +35,7 @@ import numpy as np
 from vstain_cli import provenance, seeding
 from vstain_cli.errors import InputError
 from vstain_cli.infer.bundled import bundled_path
-from vstain_cli.progress import NullProgress, Progress
+from vstain_cli.progress import NullProgress, Progress, WarningLog
 from vstain_cli.runtime import resolve_device
 from vstain_cli.score import scoring
 from vstain_cli.score.scoring import ImageSet
@@ -115,28 +115,6 @@ class EvaluateResult:
     warnings: list[str]
     #: Per-tile distortion metrics: model -> metric -> (N,) array (as per_image.csv).
     per_image: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-
-
-class _Recorder:
-    """Forwards to a Progress and keeps the warnings it saw."""
-
-    def __init__(self, inner: Progress) -> None:
-        self.inner = inner
-        self.warnings: list[str] = []
-
-    def start(self, key: str, description: str, total: int | None) -> None:
-        self.inner.start(key, description, total)
-
-    def advance(self, key: str, n: int = 1) -> None:
-        self.inner.advance(key, n)
-
-    def finish(self, key: str) -> None:
-        self.inner.finish(key)
-
-    def warn(self, message: str) -> None:
-        if message not in self.warnings:
-            self.warnings.append(message)
-        self.inner.warn(message)
 
 
 def model_names(sources: list[Path], names: list[str] | None) -> list[str]:
@@ -413,7 +391,7 @@ def evaluate(options: EvaluateOptions, progress: Progress | None = None) -> Eval
     output exists and ``options.force`` is false; both before any heavy work.
     """
     o = options
-    prog = _Recorder(progress or NullProgress())
+    prog = WarningLog(progress or NullProgress())
     real, data, names = _check(o)
     fakes, models, split, seed = o.fakes, o.models, o.split, o.seed
     model_names_ = names[len(fakes):]
