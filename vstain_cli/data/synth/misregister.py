@@ -16,7 +16,6 @@ provenance), so registration error can be measured against it.
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -140,26 +139,20 @@ def misregister_slide(he_path: Path, t: Transform, params: dict, slide_id: str, 
     (``fit_canvas``); write the truth JSON (``t`` on that canvas) beside it."""
     progress = progress or NullProgress()
     he_path = Path(he_path)
-    original = he_path.with_name(f".{he_path.name}.unmoved-{os.getpid()}")
-    os.replace(he_path, original)
-    try:
-        with TiffSlide(original) as src:
-            t, margin = fit_canvas(t, src.width, src.height, CANVAS_PAD_UM / mpp)
-            params = {**params, "canvas_margin_px": margin}
-            af_size = [src.width, src.height]
-            size = [src.width + 2 * margin, src.height + 2 * margin]
-            meta = read_provenance(original)
-            meta["misregister"] = params
-            key = f"misregister-{slide_id}"
-            progress.start(key, f"misregister {slide_id}", size[1])
-            write_pyramid(he_path, _strips(src, t, size[1], size[0], progress, key), size[1], size[0], 3, np.uint8,
-                          mpp=mpp, compression="jpeg", quality=90, metadata=meta)
-            progress.finish(key)
-    except BaseException:
-        if not he_path.exists():
-            os.replace(original, he_path)
-        raise
-    original.unlink()
+    # the moved slide is written under a temporary name and renamed onto he_path when complete
+    # (write_pyramid), so the original is read until then and kept whole if anything fails
+    with TiffSlide(he_path) as src:
+        t, margin = fit_canvas(t, src.width, src.height, CANVAS_PAD_UM / mpp)
+        params = {**params, "canvas_margin_px": margin}
+        af_size = [src.width, src.height]
+        size = [src.width + 2 * margin, src.height + 2 * margin]
+        meta = read_provenance(he_path)
+        meta["misregister"] = params
+        key = f"misregister-{slide_id}"
+        progress.start(key, f"misregister {slide_id}", size[1])
+        write_pyramid(he_path, _strips(src, t, size[1], size[0], progress, key), size[1], size[0], 3, np.uint8,
+                      mpp=mpp, compression="jpeg", quality=90, metadata=meta)
+        progress.finish(key)
     truth = he_path.with_name(he_path.name.removesuffix(".he.tif") + TRUTH_SUFFIX)
     write_json(truth, {"format": TRUTH_FORMAT, "format_version": 1, "slide_id": slide_id, "truth": True,
                        "mpp": mpp, "af_size": af_size, "he_size": size, "transform": transform_to_dict(t),

@@ -25,10 +25,10 @@ from vstain_cli import seeding
 from vstain_cli.data.synth import af as afm
 from vstain_cli.data.synth import fields, histology, stains
 from vstain_cli.data.synth.version import PHANTOM_VERSION
-from vstain_cli.errors import InputError, OutputExistsError
+from vstain_cli.errors import InputError
 from vstain_cli.io.tiff import write_pyramids
 from vstain_cli.progress import NullProgress, Progress
-from vstain_cli.provenance import atomic_output, ensure_writable_dir, record, write_json
+from vstain_cli.provenance import atomic_output, check_output_file, record, write_json
 
 STRIP = 256
 SCANNER_SIGMA_UM = 0.25  # slide scanner PSF (20x, NA 0.75) plus focus, on transmitted light
@@ -242,9 +242,7 @@ def synth(
     if not (0.05 <= mpp <= 20):
         raise InputError("--mpp must be between 0.05 and 20 microns per pixel")
     csv_path = out / "pairs.csv"
-    if csv_path.exists() and not force:
-        raise OutputExistsError("phantom data exists here; pass --force to make it again", csv_path)
-    ensure_writable_dir(out)
+    check_output_file(csv_path, force)
     rows = []
     for i in range(slides):
         sid = f"phantom-{i:03d}"
