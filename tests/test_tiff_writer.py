@@ -87,3 +87,49 @@ def test_wrong_number_of_rows_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="rows"):
         write_pyramid(tmp_path / "f.tif", iter([np.zeros((100, 64, 3), np.uint8)]), 200, 64, 3, compression="zlib")
     assert list(tmp_path.iterdir()) == []
+
+
+def _stream(n: int, rows: int, w: int, fail_at: int | None = None, interrupt: bool = False):
+    for i in range(n):
+        if i == fail_at:
+            raise KeyboardInterrupt if interrupt else RuntimeError("producer failed")
+        yield (np.full((rows, w, 3), i, np.uint8), np.full((rows, w, 1), i, np.uint16))
+
+
+def _specs(tmp_path, h: int, w: int) -> list[dict]:
+    return [{"path": tmp_path / "a.tif", "height": h, "width": w, "samples": 3, "dtype": np.uint8},
+            {"path": tmp_path / "b.tif", "height": h, "width": w, "samples": 1, "dtype": np.uint16}]
+
+
+def test_write_pyramids_writes_every_output_from_one_stream(tmp_path):
+    from vstain_cli.io.tiff import write_pyramids
+
+    write_pyramids(_specs(tmp_path, 64, 48), _stream(4, 16, 48))
+    a, b = tifffile.imread(tmp_path / "a.tif"), tifffile.imread(tmp_path / "b.tif")
+    assert a.shape == (64, 48, 3) and b.shape[-2:] == (64, 48)
+    assert a[63, 0, 0] == 3 and int(b.reshape(64, 48)[16, 0]) == 1
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_write_pyramids_aborts_in_seconds_and_leaves_nothing(tmp_path, interrupt):
+    """A failing producer (Ctrl-C included) stops every writer thread; no output or temp file remains."""
+    import threading
+    import time
+
+    from vstain_cli.io.tiff import write_pyramids
+
+    before, t0 = threading.active_count(), time.monotonic()
+    with pytest.raises(KeyboardInterrupt if interrupt else RuntimeError):
+        write_pyramids(_specs(tmp_path, 64, 48), _stream(4, 16, 48, fail_at=2, interrupt=interrupt))
+    assert time.monotonic() - t0 < 10
+    assert list(tmp_path.iterdir()) == []
+    assert threading.active_count() == before  # the writer threads ended
+
+
+def test_write_pyramids_short_stream_publishes_nothing(tmp_path):
+    """A stream that ends before the height is an error, and neither output is published."""
+    from vstain_cli.io.tiff import write_pyramids
+
+    with pytest.raises(ValueError):
+        write_pyramids(_specs(tmp_path, 64, 48), _stream(2, 16, 48))
+    assert list(tmp_path.iterdir()) == []

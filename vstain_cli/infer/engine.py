@@ -40,6 +40,7 @@ from vstain_cli.infer.wholeslide import DEFAULT_SAMPLER, RegionSampler, SlideOpt
 from vstain_cli.io.masks import SlideMask
 from vstain_cli.io.outputs import SlideOutput
 from vstain_cli.io.resample import SlideScale, output_size, to_slide_grid
+from vstain_cli.io.slide_base import check_readable
 from vstain_cli.io.slides import TiffSlide, open_af
 from vstain_cli.progress import NullProgress, Progress, info
 from vstain_cli.runtime import place
@@ -109,10 +110,14 @@ class RegionOp(Protocol):
 
 
 def open_for_inference(af_path: str | Path, model: str | Path | Run, device: str) -> tuple[Run, TiffSlide]:
-    """Open the AF slide (named first when missing), load the run; check they fit each other."""
-    slide = open_af(af_path)
+    """Open the AF slide (named first when missing), load the run; check they fit each other.
+
+    The slide is opened knowing the run's channel count, so an RGB H&E given as AF is
+    refused with what the model expects."""
+    check_readable(Path(af_path))
+    run = resolve_run(model, device)
+    slide = open_af(af_path, model_channels=run.channels)
     try:
-        run = resolve_run(model, device)
         if run.kind == "stainnet":
             raise InputError("is a StainNet run (a classifier); choose a diffusion, regression or pix2pix run",
                              run.path)

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from vstain_cli.errors import InputError
-from vstain_cli.io.slide_base import SlideBase, _check_path, _short
+from vstain_cli.io.slide_base import SlideBase, _short, check_readable
 from vstain_cli.io.tiff import DEFAULT_TILE, _downsample2, _rechunk, level_shapes
 from vstain_cli.provenance import atomic_output
 
@@ -59,7 +59,7 @@ class NgffSlide(SlideBase):
         import zarr
 
         self.path = Path(path)
-        _check_path(self.path)
+        check_readable(self.path)
         try:
             group = zarr.open_group(str(self.path), mode="r")
             ms = _multiscales(dict(group.attrs))

@@ -46,11 +46,14 @@ def output_format(path: str | Path, fmt: str | None = None) -> str:
 
     InputError in one line for a suffix that is neither a TIFF nor ``.zarr`` (a
     ``.png`` would otherwise get a BigTIFF under a PNG name) or that contradicts ``fmt``.
+    A name without a suffix is taken as it is when ``fmt`` is given.
     """
     path = Path(path)
     by_suffix = FORMAT_OF_SUFFIX.get(path.suffix.lower())
     if fmt is not None and fmt not in OUTPUT_FORMATS:
         raise InputError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    if by_suffix is None and fmt is not None and not path.suffix:
+        return fmt  # an explicit --format names a suffix-less output as it is (``-o stained --format zarr``)
     if by_suffix is None:
         raise InputError(f"output suffix {path.suffix or '(none)'!r} is neither a TIFF (.tif, .tiff) nor an "
                          "OME-Zarr (.zarr); name the output e.g. slide.tif or slide.zarr", path)

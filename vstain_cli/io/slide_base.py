@@ -81,7 +81,7 @@ def _check_file(path: Path) -> None:
         raise InputError("file is not readable (permission denied)", path)
 
 
-def _check_path(path: Path) -> None:
+def check_readable(path: Path) -> None:
     """Like ``_check_file`` but a folder (a Zarr store) is allowed too."""
     if not path.exists():
         raise InputError("file not found", path)

@@ -28,10 +28,10 @@ from vstain_cli.io.slide_base import (  # noqa: F401 - re-exported: the readers'
     SlideBase,
     SlideReader,
     _check_file,
-    _check_path,
     _short,
     _thumbnail,
     check_af_dtype,
+    check_readable,
     stack_error,
 )
 
@@ -394,7 +394,7 @@ def open_af(path: str | Path, model_channels: int | None = None) -> SlideReader:
     known, is named in those messages.
     """
     path = Path(path)
-    _check_path(path)
+    check_readable(path)
     kind = detect_format(path)
     if kind == "czi":
         from vstain_cli.io.czi import CziSlide
