@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from vstain_cli.diffusion.schedule import Schedule
 
 StepCallback = Callable[[int, int, "torch.Tensor"], None]
-Model = RawModel  # kept for callers typing a raw network
 
 
 class SamplerFn(Protocol):

@@ -232,21 +232,6 @@ def accuracy_record(labels: np.ndarray, pred: np.ndarray, n_classes: int) -> dic
             "patches": int(conf.sum()), "chance": 1.0 / n_classes}
 
 
-def stainnet_accuracy(run_dir: str | Path, images: np.ndarray, labels: np.ndarray, device: str = "auto",
-                      batch_size: int = 256) -> dict[str, Any]:
-    """A StainNet's accuracy and confusion matrix (rows: true label, columns: predicted) on uint8 tiles."""
-    net = StainNetScorer(run_dir, device)
-    feats = extract_features(images, net.features, batch_size, label="StainNet") if len(images) else \
-        np.zeros((0, 1))
-    return accuracy_record(labels, net.predict(feats), net.n_classes)
-
-
-def dataset_labels(root: str | Path, names: list[str]) -> np.ndarray | None:
-    """Slide labels of dataset tiles named ``slide_row`` (None when ``root`` is not a dataset)."""
-    found = dataset_slides(root, names)
-    return None if found is None else found[1]
-
-
 def dataset_slides(root: str | Path, names: list[str]) -> tuple[list[str], np.ndarray] | None:
     """(slide id, slide label) of each dataset tile named ``slide_row``; None when ``root`` is not a dataset.
 

@@ -32,9 +32,9 @@ import numpy as np
 
 from vstain_cli.data.synth import fields
 
-# Share of hepatocytes with fat drawn per slide for grades 0..3 (inside Kleiner's bands).
+# Share of hepatocytes with fat drawn per slide for grades 0..3, inside Kleiner's steatosis bands
+# (<5 %, 5-33 %, 34-66 %, >66 %).
 FAT_SHARE = ((0.0, 0.04), (0.07, 0.31), (0.37, 0.63), (0.70, 0.92))
-GRADE_BANDS = ((0.0, 0.05), (0.05, 0.33), (0.34, 0.66), (0.66, 1.0))
 LOBULE_UM = 420.0
 HEPATOCYTE_UM = 24.0
 

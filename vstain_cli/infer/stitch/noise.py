@@ -10,8 +10,6 @@ from vstain_cli import seeding
 
 # ----------------------------------------------------------------------------- noise
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
 
 def _mix64(z: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser (Steele et al. 2014): a bijective 64-bit avalanche mix."""
