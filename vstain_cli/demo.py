@@ -2,18 +2,21 @@
 
 The stages run in the order of ``STAGES``: data (synth -> tile) -> models
 (the bundled runs, or train diffusion, regression, pix2pix and StainNet) ->
-calibrate -> stain a held-out slide (diffusion and regression) -> uncertainty
-maps -> score (FSD, L1, L2, PSNR, SSIM; FID when Inception weights are given)
--> report.html. Every stage skips work that is already done, so an interrupted
-demo resumes where it stopped; each attempt of each step (started, seconds,
-completed) is logged in ``demo.json`` and ``--export-bundle`` copies that log,
-the runs' metrics.jsonl and the dataset's split sizes and fingerprint into
-``bundle.json``.
+distill (``vstain distill`` of the diffusion run: 4- and 2-step samplers and the
+one-call interval run) -> calibrate (diffusion and the interval run) -> stain a
+held-out slide (diffusion, its 4-step student, regression) -> uncertainty maps
+(8 samples x 10 steps, and the interval run's one call per window) -> score
+(FSD, PFD, L1, L2, PSNR, SSIM; FID when Inception weights are given; the
+distilled runs each with their own K DDIM steps) -> report.html. Every stage
+skips work that is already done, so an interrupted demo resumes where it
+stopped; each attempt of each step (started, seconds, completed) is logged in
+``demo.json`` and ``--export-bundle`` copies that log, the runs' metrics.jsonl
+and the dataset's split sizes and fingerprint into ``bundle.json``.
 
-To add a stage (e.g. ``distill``): write ``def _distill(ctx: DemoContext)`` that
-runs its work through ``ctx.timed(name, detail, fn)`` and skips what is done,
-insert ``("distill", _distill)`` into ``STAGES`` after ``models``, and add the
-run it makes to ``infer.bundled.BUNDLED`` so that ``--export-bundle`` ships it.
+To add a stage: write ``def _stage(ctx: DemoContext)`` that runs its work through
+``ctx.timed(name, detail, fn)`` and skips what is done, insert it into ``STAGES``,
+and add any run it makes to ``infer.bundled.BUNDLED`` so that ``--export-bundle``
+ships it (``_distill`` is an example).
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ PRESETS = {"diffusion": "demo-diffusion", "regression": "demo-regression", "pix2
 # (``phantom_seed`` is not one: the runs do not depend on the phantom a demo scores them on.)
 RECIPE_FIELDS = ("slides", "size", "channels", "mpp", "tile", "seed")
 TILE_MIN_TISSUE = 0.5
+# `vstain distill` runs of the distill stage: demo model name -> (its teacher, K network calls per window).
+# The 2-step run continues the 4-step one (4 -> 2), so the 16 -> 8 -> 4 phases are paid once.
+DISTILLED = {"diffusion-4step": ("diffusion", 4), "diffusion-2step": ("diffusion-4step", 2)}
+INTERVAL_RUN = "diffusion-intervals"   # the one-call interval run (`vstain distill --intervals`) of diffusion
+TEACHER_STEPS = 16                     # DDIM steps of the diffusion run that the first halving phase learns from
 
 
 @dataclass
@@ -73,6 +81,11 @@ class DemoOptions:
     phantom_seed: int | None = None   # the phantom's seed; None: ``seed`` (another: slides no bundled run saw)
     retrain: bool = False
     reuse_bundled_calibration: bool = False   # copy the bundled calibration.json instead of calibrating
+    # distill stage (used when the demo trains): optimizer steps (batch 16) per halving phase of each distilled
+    # sampler (16 -> 8 -> 4, then 4 -> 2: 3 phases) and of the interval fine-tune. 3 x 1000 x 0.14 s +
+    # 2000 x 0.10 s: about 10 minutes on 2 cores.
+    distill_phase_steps: int = 1000
+    interval_steps: int = 2000
 
     def check(self) -> None:
         if self.slides < 4:
@@ -85,6 +98,8 @@ class DemoOptions:
             raise InputError("--phantom-seed must be >= 0")
         if self.reuse_bundled_calibration and self.retrain:
             raise InputError("--reuse-bundled-calibration needs the bundled runs (not --retrain)")
+        if self.distill_phase_steps < 1 or self.interval_steps < 1:
+            raise InputError("--distill-phase-steps and --interval-steps must be at least 1")
 
     @property
     def data_seed(self) -> int:
@@ -100,6 +115,10 @@ class DemoOptions:
         rec["train"] = {name: {"preset": PRESETS[name], "steps": p.train.steps, "batch_size": p.train.batch_size,
                                "keep": p.train.keep}
                         for name, p in ((n, self.preset(n, load_preset(PRESETS[n]))) for n in PRESETS)}
+        rec["distill"] = {**{name: {"teacher": teacher, "steps": k, "phase_steps": self.distill_phase_steps,
+                                    "teacher_steps": TEACHER_STEPS if teacher == "diffusion" else DISTILLED[teacher][1]}
+                             for name, (teacher, k) in DISTILLED.items()},
+                          INTERVAL_RUN: {"teacher": "diffusion", "intervals": True, "steps": self.interval_steps}}
         return rec
 
     def preset(self, name: str, base: Preset) -> Preset:
@@ -122,6 +141,8 @@ class DemoResult:
     calibration_source: str = ""      # "calibrated by this demo" or where a reused calibration came from
     fresh_phantom: bool = False       # scored on a phantom seed that no bundled run was trained on
     training: dict[str, dict] = field(default_factory=dict)   # model -> steps, batch, best step (train_summary)
+    interval_calibration: dict | None = None   # calibration.json of the interval run
+    comparison: list[str] = field(default_factory=list)   # the cheap runs against the full sampler, in numbers
 
 
 Stage = Callable[[str, str], None]
@@ -235,10 +256,15 @@ def train_summary(run: str | Path) -> dict[str, Any]:
     t = cfg["preset"]["train"]
     end = run_folder.end_record(run) or {}
     resumes = run_folder.resumes(run)
-    return {"preset": cfg["preset"]["name"], "steps": int(end.get("step", t["steps"])),
-            "batch_size": t["batch_size"], "keep": t.get("keep", "last"), "best_step": end.get("best_step"),
-            "best_val_loss": end.get("value"), "train_seconds": end.get("elapsed_s"),
-            "resumes": [{"step": r["step"], "time": r.get("time"), "command": r.get("command")} for r in resumes]}
+    summary = {"preset": cfg["preset"]["name"], "steps": int(end.get("step", t["steps"])),
+               "batch_size": t["batch_size"], "keep": t.get("keep", "last"), "best_step": end.get("best_step"),
+               "best_val_loss": end.get("value"), "train_seconds": end.get("elapsed_s"),
+               "resumes": [{"step": r["step"], "time": r.get("time"), "command": r.get("command")} for r in resumes]}
+    d = cfg.get("distill")
+    if isinstance(d, dict):  # a `vstain distill` run: how it was distilled, from what
+        keys = ("method", "steps", "network_calls", "teacher_steps", "phase_steps", "phases", "quantiles", "teacher")
+        summary["distill"] = {k: d[k] for k in keys if k in d}
+    return summary
 
 
 def _training_notes(training: dict[str, dict]) -> list[str]:
@@ -247,8 +273,88 @@ def _training_notes(training: dict[str, dict]) -> list[str]:
     for name, t in training.items():
         kept = (f"exported at its best validation, step {t['best_step']} (val loss {t['best_val_loss']:.4g})"
                 if t.get("best_step") is not None else "exported at its last step")
-        lines.append(f"{name}: {t['steps']} optimizer steps of batch {t['batch_size']}, {kept}")
+        d = t.get("distill") or {}
+        how = ""
+        if d.get("method") == "progressive":
+            grid = " -> ".join(str(p["teacher_steps"]) for p in d.get("phases", [])) + f" -> {d.get('steps')}"
+            how = f" (progressive distillation, DDIM steps {grid}, {d.get('phase_steps')} steps per phase)"
+        elif d:
+            how = f" (interval fine-tune, {d.get('network_calls', 1)} network call per window)"
+        lines.append(f"{name}: {t['steps']} optimizer steps of batch {t['batch_size']}{how}, {kept}")
     return lines
+
+
+def stage_seconds(out: Path, name: str) -> float | None:
+    """Wall seconds of the last completed attempt of step ``name`` in demo.json's log (None: never completed)."""
+    done = [a for a in read_stage_log(out).get(name, []) if a.get("completed")]
+    return float(done[-1]["seconds"]) if done else None
+
+
+def _ci(m: dict[str, float] | None) -> str:
+    if not m:
+        return "n/a"
+    lo, hi = m.get("lo"), m.get("hi")
+    return f"{m['value']:.3g}" + (f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else "")
+
+
+def _overlap(a: dict[str, float] | None, b: dict[str, float] | None) -> str:
+    if not a or not b or None in (a.get("lo"), a.get("hi"), b.get("lo"), b.get("hi")):
+        return ""
+    return "intervals overlap" if a["lo"] <= b["hi"] and b["lo"] <= a["hi"] else "intervals disjoint"
+
+
+def _coverage(cal: dict[str, Any] | None) -> str:
+    t = (cal or {}).get("test_coverage") or {}
+    if "coverage" not in t:
+        return "not calibrated"
+    return f"test coverage {t['coverage']:.3f} at mean width {t.get('mean_width_255', float('nan')):.1f}/255"
+
+
+def interval_notes(ctx: DemoContext) -> list[str]:
+    """The interval run against the 8 x 10 sampled intervals (and the trivial band around regression): calibrated
+    test coverage, mean width and the held-out slide's map seconds, from this demo's files."""
+    from vstain_cli.train.run_folder import CALIBRATION_FILE
+
+    def read(path: Path) -> dict[str, Any] | None:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    o = ctx.o
+    diff, iv = read(ctx.runs / "diffusion" / CALIBRATION_FILE), read(ctx.runs / INTERVAL_RUN / CALIBRATION_FILE)
+    if iv is None:
+        return []
+    band = ((diff or {}).get("baselines") or {}).get("baseline_run") or {}
+    t_s, t_iv = stage_seconds(ctx.out, "uncertainty"), stage_seconds(ctx.out, "uncertainty intervals")
+    speed = (f"; held-out slide maps {t_iv:.1f} s vs {t_s:.1f} s ({t_s / t_iv:.0f}x faster)"
+             if t_s and t_iv else "")
+    return [f"Intervals (alpha {iv.get('alpha')}, delta {iv.get('delta')}): {INTERVAL_RUN}, one network call per "
+            f"tile: {_coverage(iv)}; diffusion, {o.samples} samples x {o.sample_steps} steps "
+            f"({o.samples * o.sample_steps} calls): {_coverage(diff)}; trivial band around regression: "
+            f"{_coverage(band)}{speed}."]
+
+
+def cost_comparison(ctx: DemoContext) -> list[str]:
+    """Each distilled run against the full sampler (the diffusion run, DPM-Solver++ at the demo's steps) on the
+    scored test tiles (FSD, PFD, L1 with slide-level 95 % intervals) and the held-out slide's stain seconds;
+    then ``interval_notes``."""
+    models = (ctx.res.score or {}).get("models", {})
+    full = models.get("diffusion", {}).get("metrics", {})
+    lines = []
+    for name, (_, k) in DISTILLED.items():
+        m = models.get(name, {}).get("metrics")
+        if not m:
+            continue
+        parts = []
+        for key in ("FSD", "PFD", "L1"):
+            if key in m and key in full:
+                ratio = m[key]["value"] / full[key]["value"] if full[key]["value"] else float("nan")
+                both = _overlap(m[key], full[key])
+                parts.append(f"{key} {_ci(m[key])} vs {_ci(full[key])} (x{ratio:.2f}{'; ' + both if both else ''})")
+        t_k, t_full = stage_seconds(ctx.out, f"stain {name}"), stage_seconds(ctx.out, "stain diffusion")
+        if t_k and t_full:
+            parts.append(f"held-out slide {t_k:.1f} s vs {t_full:.1f} s")
+        lines.append(f"{name} ({k} DDIM calls per tile) vs diffusion ({ctx.o.sampler} {ctx.o.sample_steps}): "
+                     + "; ".join(parts))
+    return lines + interval_notes(ctx)
 
 
 # --- the stages --------------------------------------------------------------------------------------------
@@ -308,6 +414,33 @@ def _models(ctx: DemoContext) -> None:
             res.training[name] = train_summary(ctx.runs / name)
 
 
+def _distill(ctx: DemoContext) -> None:
+    """The diffusion run distilled (``vstain distill``) into 4- and 2-step DDIM samplers and a one-call interval
+    run; skipped with the bundled runs (they ship these too). Resumes like training."""
+    from vstain_cli.train.distill import DistillOptions, distill
+
+    o, res = ctx.o, ctx.res
+    if not res.bundled:
+        jobs = {name: DistillOptions(steps=k, phase_steps=o.distill_phase_steps, seed=o.seed,
+                                     teacher_steps=TEACHER_STEPS if teacher == "diffusion" else None)
+                for name, (teacher, k) in DISTILLED.items()}
+        jobs[INTERVAL_RUN] = DistillOptions(intervals=True, phase_steps=o.interval_steps, seed=o.seed)
+        teachers = {**{name: teacher for name, (teacher, _) in DISTILLED.items()}, INTERVAL_RUN: "diffusion"}
+        for name, opts in jobs.items():
+            if opts.intervals:
+                what = f"{teachers[name]} -> one-call interval run, {opts.phase_steps} steps of batch {opts.batch_size}"
+            else:
+                n0 = opts.teacher_steps or DISTILLED[teachers[name]][1]
+                what = (f"{teachers[name]} (DDIM {n0}) -> {opts.steps} DDIM steps, progressive distillation, "
+                        f"{opts.phase_steps} steps of batch {opts.batch_size} per halving phase")
+            ctx.timed(f"distill {name}", what,
+                      lambda n=name, d=opts: distill(ctx.runs / teachers[n], ctx.runs / n, d, data=ctx.dataset,
+                                                     device=o.device, progress=ctx.progress))
+    for name in (*DISTILLED, INTERVAL_RUN):
+        res.files[f"run {name}"] = ctx.runs / name
+        res.training[name] = train_summary(ctx.runs / name)
+
+
 def _calibrate(ctx: DemoContext) -> None:
     """lambda on the val slides (every grade), coverage on the test slides; the trivial band around the
     regression output and the structure scales alongside."""
@@ -331,6 +464,20 @@ def _calibrate(ctx: DemoContext) -> None:
         res.calibration = json.loads((diffusion / CALIBRATION_FILE).read_text())
         res.files["calibration"] = diffusion / CALIBRATION_FILE
         res.calibration_source = res.calibration_source or "calibrated by this demo on its val slides"
+    # the interval run: lambda of its one-call bounds, by the same RCPS on the same val tiles
+    iv = ctx.runs / INTERVAL_RUN
+    if not o.reuse_bundled_calibration and not (iv / CALIBRATION_FILE).exists():
+        iopts = CalibrateOptions(n=o.calibration_tiles, seed=o.seed, batch_size=o.inference_batch, device=o.device,
+                                 baseline=str(ctx.runs / "regression"), scales=tuple(o.calibration_scales))
+        try:
+            ctx.timed("calibrate intervals", f"lambda of {INTERVAL_RUN}'s bounds on {o.calibration_tiles} val tiles, "
+                                             "one network call per tile",
+                      lambda: calibrate_run(iv, ctx.dataset, iopts, progress=ctx.progress))
+        except InputError as e:
+            ctx.progress.warn(f"calibration of {INTERVAL_RUN} skipped: {e}")
+    if (iv / CALIBRATION_FILE).exists():
+        res.interval_calibration = json.loads((iv / CALIBRATION_FILE).read_text())
+        res.files["calibration intervals"] = iv / CALIBRATION_FILE
 
 
 def _heldout_pair(folder: Path, o: DemoOptions, progress: Progress) -> tuple[str, Path, Path]:
@@ -350,16 +497,17 @@ def _heldout_pair(folder: Path, o: DemoOptions, progress: Progress) -> tuple[str
 
 
 def _stain(ctx: DemoContext) -> None:
-    """Stain a held-out slide with diffusion and regression."""
+    """Stain a held-out slide with diffusion (DPM-Solver++, and its 4-step student's own DDIM) and regression."""
     from vstain_cli.infer.stain import StainOptions, stain_slide
 
     o, res = ctx.o, ctx.res
     slide_id, af, he = _heldout_pair(ctx.out / "heldout", o, ctx.progress)
     res.files["held-out slide AF"], res.files["held-out slide H&E"] = af, he
-    for name in ("diffusion", "regression"):
+    for name in ("diffusion", "diffusion-4step", "regression"):
         target = ctx.out / "stained" / f"{slide_id}.{name}.tif"
         if not target.exists():
-            sopts = StainOptions(sampler=o.sampler, steps=o.sample_steps, batch_size=o.inference_batch,
+            sampler, steps = ("ddim", None) if name in DISTILLED else (o.sampler, o.sample_steps)  # K steps: its own
+            sopts = StainOptions(sampler=sampler, steps=steps, batch_size=o.inference_batch,
                                  device=o.device, seed=o.seed)
             ctx.timed(f"stain {name}", f"{slide_id}, a held-out phantom slide, whole slide",
                       lambda t=target, n=name: stain_slide(af, ctx.runs / n, t, sopts, progress=ctx.progress))
@@ -379,6 +527,13 @@ def _uncertainty(ctx: DemoContext) -> None:
                   lambda: uncertainty_slide(af, ctx.runs / "diffusion", unc, uopts, reference=he,
                                             progress=ctx.progress))
     ctx.res.files["uncertainty"] = unc
+    unc_iv = ctx.out / "uncertainty-intervals"
+    if not unc_iv.exists():
+        iopts = UncertaintyOptions(batch_size=o.inference_batch, device=o.device, seed=o.seed)
+        ctx.timed("uncertainty intervals", f"{slide_id}, {INTERVAL_RUN}: one network call per window",
+                  lambda: uncertainty_slide(af, ctx.runs / INTERVAL_RUN, unc_iv, iopts, reference=he,
+                                            progress=ctx.progress))
+    ctx.res.files["uncertainty intervals"] = unc_iv
 
 
 def _score(ctx: DemoContext) -> None:
@@ -386,29 +541,37 @@ def _score(ctx: DemoContext) -> None:
     from vstain_cli.score.pipeline import EvaluateOptions, evaluate
 
     o, res, score_dir = ctx.o, ctx.res, ctx.out / "score"
-    if not (score_dir / "score.json").exists():
-        notes = [*_training_notes(res.training)]
+    models = [*MODELS, *DISTILLED]
+    done = score_dir / "score.json"
+    # a score made before the distill stage existed lacks the distilled runs: scored again, all together
+    stale = done.exists() and set(models) - set(json.loads(done.read_text()).get("models", {}))
+    if not done.exists() or stale:
+        notes = [*_training_notes(res.training), *interval_notes(ctx)]
         if res.calibration_source:
             notes.append(f"Calibration: {res.calibration_source}.")
         if res.bundled:
             notes.append(f"Models: the bundled runs; the phantom (seed {o.data_seed}) is "
                          + ("new to them: none of its slides was seen in training or model selection."
                             if res.fresh_phantom else "the one they were trained on; its test slides were held out."))
-        eopts = EvaluateOptions(models=[ctx.runs / m for m in MODELS], data=ctx.dataset,
+        eopts = EvaluateOptions(models=[ctx.runs / m for m in models], data=ctx.dataset,
                                 stainnet=ctx.runs / "stainnet", inception_weights=o.inception_weights,
                                 n=o.score_tiles, seed=o.seed, sampler=o.sampler, steps=o.sample_steps,
                                 batch_size=o.inference_batch, device=o.device, out_dir=score_dir,
-                                uncertainty_samples=o.samples, notes=notes)
+                                uncertainty_samples=o.samples, notes=notes, force=bool(stale),
+                                # each distilled run samples as it was distilled: DDIM (eta 0) over its K steps
+                                model_sampling=dict.fromkeys(DISTILLED, ("ddim", None, 0.0)))
         ctx.timed("score", f"{o.score_tiles} test tiles, same tiles and seeds for every model",
                   lambda: evaluate(eopts, ctx.progress))
-    res.score = json.loads((score_dir / "score.json").read_text())
+    res.score = json.loads(done.read_text())
     res.files["report"] = score_dir / "report.html"
+    res.comparison = cost_comparison(ctx)
 
 
 # The demo's stages, in order (see the module docstring to add one).
 STAGES: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("data", _data),
     ("models", _models),
+    ("distill", _distill),
     ("calibrate", _calibrate),
     ("stain", _stain),
     ("uncertainty", _uncertainty),
@@ -442,7 +605,7 @@ def run_demo(
         write_json(out / "demo.json", {**record(config), "seconds": res.seconds, "bundled": res.bundled,
                                        "fresh_phantom": res.fresh_phantom, "phantom_seed": o.data_seed,
                                        "calibration_source": res.calibration_source, "training": res.training,
-                                       "stages": stages})
+                                       "comparison": res.comparison, "stages": stages})
 
     def timed(name: str, detail: str, fn: Callable[[], Any]) -> Any:
         stage(name, detail)
@@ -494,8 +657,10 @@ def export_bundle(res: DemoResult, options: DemoOptions, dest: Path, command: st
 
     Everything in bundle.json comes from the demo folder: the recipe, the step log
     (wall seconds and resumes per step), each run's training budget, best step and
-    resumes (its metrics.jsonl ships too), the dataset's split sizes and tiler
-    fingerprint, the scores, the calibration and StainNet's check.
+    resumes (its metrics.jsonl ships too; a distilled run's K, phases and teacher),
+    the dataset's split sizes and tiler fingerprint, the scores, the calibrations
+    (diffusion and the interval run), the distilled and interval runs against the
+    full sampler (``comparison``) and StainNet's check.
     """
     from vstain_cli.data.synth.version import PHANTOM_VERSION
     from vstain_cli.infer.bundled import BUNDLE_FILE, BUNDLE_FORMAT, BUNDLED, phantom_fingerprint, publish_run_copy
@@ -515,7 +680,8 @@ def export_bundle(res: DemoResult, options: DemoOptions, dest: Path, command: st
                 "dataset": {"splits": split_sizes(dataset), "index_sha256": tiler_fingerprint(dataset),
                             "tile": {"size": options.tile, "stride": options.tile, "min_tissue": TILE_MIN_TISSUE}},
                 "stages": stage_summary(read_stage_log(res.out)), "runs": runs,
-                "scores": scores, "calibration": res.calibration, "stainnet": (res.score or {}).get("stainnet"),
+                "scores": scores, "calibration": res.calibration, "interval_calibration": res.interval_calibration,
+                "comparison": res.comparison, "stainnet": (res.score or {}).get("stainnet"),
                 "provenance": record({"demo": options.recipe()})}
     write_json(dest / BUNDLE_FILE, manifest)
     return dest / BUNDLE_FILE

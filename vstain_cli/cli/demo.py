@@ -33,6 +33,8 @@ def demo(
     stainnet_steps: Optional[int] = typer.Option(None, "--stainnet-steps", min=1, help="Training steps of StainNet (default: its preset)."),
     phantom_seed: Optional[int] = typer.Option(None, "--phantom-seed", min=0, help="Make the phantom with this seed instead of --seed: with the bundled runs, every slide scored is one no run was trained or selected on."),
     reuse_bundled_calibration: bool = typer.Option(False, "--reuse-bundled-calibration", help="Use the bundled diffusion's calibration.json instead of calibrating on this demo's val slides (the report says so)."),
+    distill_phase_steps: int = typer.Option(1000, "--distill-phase-steps", min=1, help="With training: optimizer steps (batch 16) per halving phase of the distilled 4- and 2-step samplers (16 -> 8 -> 4 -> 2 DDIM steps)."),
+    interval_steps: int = typer.Option(2000, "--interval-steps", min=1, help="With training: optimizer steps of the one-call interval run's fine-tune."),
     samples: int = typer.Option(8, "--samples", help="Diffusion samples per pixel (calibration, uncertainty)."),
     sample_steps: int = typer.Option(10, "--sample-steps", min=1, help="DPM-Solver++(2M) steps for every diffusion sample of the demo."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pt_inception-2015-12-05 weights file: adds FID."),
@@ -40,7 +42,7 @@ def demo(
     seed: int = seed_option("Seed of everything."),
     force: bool = force_option("Delete an earlier demo folder and start over."),
 ) -> None:
-    """Run synth -> tile -> train (or the bundled runs) -> calibrate -> stain -> uncertainty -> score on phantom slides."""
+    """Run synth -> tile -> train (or the bundled runs) -> distill -> calibrate -> stain -> uncertainty -> score on phantom slides."""
     import sys
     import time
 
@@ -57,7 +59,8 @@ def demo(
                           diffusion_steps=diffusion_steps, baseline_steps=baseline_steps,
                           stainnet_steps=stainnet_steps, samples=samples, sample_steps=sample_steps,
                           inception_weights=inception_weights, device=device, seed=seed, retrain=retrain,
-                          phantom_seed=phantom_seed, reuse_bundled_calibration=reuse_bundled_calibration)
+                          phantom_seed=phantom_seed, reuse_bundled_calibration=reuse_bundled_calibration,
+                          distill_phase_steps=distill_phase_steps, interval_steps=interval_steps)
     t0 = time.perf_counter()
 
     with cli_progress() as progress:
@@ -76,6 +79,8 @@ def demo(
         cov = (c.get("test_coverage") or {}).get("coverage")
         out.print(f"calibrated lambda {c['lam']:.2f} (alpha {c['alpha']}, delta {c['delta']}); "
                   f"test coverage {cov:.3f}" if cov is not None else f"calibrated lambda {c['lam']:.2f}")
+    for line in res.comparison:
+        out.print(line, highlight=False)
     files = Table(show_header=False, box=None)
     for k, v in res.files.items():
         files.add_row(k, str(v))

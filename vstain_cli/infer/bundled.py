@@ -7,7 +7,8 @@ run folder without its resume state (``config.json``, ``weights.safetensors``,
 and never by hand, records the command that made them, the recipe, the phantom
 generator's version and a fingerprint of its pixels, the dataset's split sizes
 and tiler fingerprint, each step's wall time and resumes, each run's steps and
-best step, and the scores the demo measured with them. Anywhere a run
+best step (a distilled run's also its K, phases and teacher), and the scores
+the demo measured with them. Anywhere a run
 folder is accepted, a bundled name (``phantom-diffusion``) works too, unless a
 folder of that name exists in the working directory.
 """
@@ -31,7 +32,10 @@ BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "vstain-bundle"
 # The demo's model names -> bundled run names.
 BUNDLED = {"diffusion": "phantom-diffusion", "regression": "phantom-regression", "pix2pix": "phantom-pix2pix",
-           "stainnet": "phantom-stainnet"}
+           "stainnet": "phantom-stainnet",
+           # `vstain distill` of phantom-diffusion (the demo's distill stage): K-step samplers and the interval run
+           "diffusion-4step": "phantom-diffusion-4step", "diffusion-2step": "phantom-diffusion-2step",
+           "diffusion-intervals": "phantom-diffusion-intervals"}
 SHIPPED_FILES = (CONFIG, WEIGHTS, METRICS, CALIBRATION_FILE)
 
 

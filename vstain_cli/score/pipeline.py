@@ -253,8 +253,8 @@ def run_sampling(run_dir: Path, protocol: str, sampler: str, steps: int | None, 
                  ) -> tuple[tuple[str, int | None, float], dict[str, Any] | None]:
     """((sampler, steps, eta) to run, protocol record) for a run folder; the record is None unless it samples.
 
-    T comes from the run's config.json; a config that cannot be read gives None
-    here and its one-line error when the run is loaded.
+    T comes from the run's config.json (a distilled run's: its K-step grid); a config
+    that cannot be read gives None here and its one-line error when the run is loaded.
     """
     import json
 
@@ -266,12 +266,15 @@ def run_sampling(run_dir: Path, protocol: str, sampler: str, steps: int | None, 
     except ValueError as e:
         raise InputError(str(e)) from None
     try:
-        preset = Preset.from_dict(json.loads((run_dir / CONFIG).read_text())["preset"])
+        cfg = json.loads((run_dir / CONFIG).read_text())
+        preset = Preset.from_dict(cfg["preset"])
+        distill = cfg.get("distill") if isinstance(cfg.get("distill"), dict) else {}
+        T = len(distill["timesteps"]) if distill.get("timesteps") else preset.diffusion.timesteps
     except Exception:  # noqa: BLE001 - reported by load_run with the file's name
         return resolved, None
-    if preset.kind != "diffusion":
+    if preset.kind != "diffusion" or cfg.get("kind", preset.kind) != "diffusion":  # e.g. an interval run
         return resolved, None
-    return resolved, protocol_record(protocol, *resolved, preset.diffusion.timesteps)
+    return resolved, protocol_record(protocol, *resolved, T)
 
 
 def _sampling_of(o: EvaluateOptions, name: str) -> tuple[str, int | None, float]:
