@@ -18,7 +18,7 @@ def manifest():
     return m
 
 
-# bundle.json format 1 was written before the equal-budget recipe (40 slides, 5000 steps each, best-val
+# bundle.json format 1 was written before the equal-budget recipe (40 slides, 3000 steps each, best-val
 # weights); `vstain demo --retrain --export-bundle models/runs` writes format 2 (with split sizes and stage log).
 stale_format = pytest.mark.skipif(
     (read_manifest() or {}).get("format_version", 1) < 2,
