@@ -390,6 +390,26 @@ def cli_progress(enabled: bool = True) -> RichBars | LogProgress:
 RichProgress = cli_progress
 
 
+# ----------------------------------------------------------------------------- run summaries
+
+
+def val_summary(val: dict[str, Any]) -> str:
+    """A run's last validation numbers as one phrase (loss, accuracy, interval coverage, sample L1)."""
+    parts = [f"val loss {val['loss']:.4g}" if "loss" in val else ""]
+    if "accuracy" in val:
+        parts.append(f"val accuracy {val['accuracy']:.3f}")
+    if "coverage" in val:
+        parts.append(f"val coverage {val['coverage']:.3f} (uncalibrated), width {val['width_255']:.1f}/255")
+    if "sample_l1_255" in val:
+        parts.append(f"sample L1 {val['sample_l1_255']:.2f}/255")
+    return ", ".join(x for x in parts if x)
+
+
+def resumed_at(result: Any) -> str:
+    """`` (resumed at step N)`` for a run that resumed, else empty."""
+    return f" (resumed at step {result.start_step})" if result.start_step else ""
+
+
 # ----------------------------------------------------------------------------- shared options
 # One definition of each option that several commands take, so the flag, its
 # choices and its help read the same everywhere.

@@ -14,7 +14,9 @@ from vstain_cli.cli.common import (
     handles_errors,
     out,
     removes_new_outputs,
+    resumed_at,
     seed_option,
+    val_summary,
 )
 from vstain_cli.runtime import place
 
@@ -73,13 +75,6 @@ def distill(
     if result.step == result.start_step:
         out.print(f"{target}: already distilled ({what}, step {result.step})", highlight=False)
         return
-    val = result.val
-    parts = [f"val loss {val['loss']:.4g}" if "loss" in val else ""]
-    if "coverage" in val:
-        parts.append(f"val coverage {val['coverage']:.3f} (uncalibrated), width {val['width_255']:.1f}/255")
-    if "sample_l1_255" in val:
-        parts.append(f"sample L1 {val['sample_l1_255']:.2f}/255")
-    info = ", ".join(x for x in parts if x)
-    start = f" (resumed at step {result.start_step})" if result.start_step else ""
-    out.print(f"{target}: {what} distilled from {model} in {result.step} steps{start}; {info}; "
+    out.print(f"{target}: {what} distilled from {model} in {result.step} steps{resumed_at(result)}; "
+              f"{val_summary(result.val)}; "
               f"weights {result.weights}", highlight=False)

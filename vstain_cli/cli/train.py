@@ -17,7 +17,9 @@ from vstain_cli.cli.common import (
     handles_errors,
     out,
     removes_new_outputs,
+    resumed_at,
     seed_option,
+    val_summary,
 )
 from vstain_cli.runtime import place
 
@@ -78,15 +80,8 @@ def train(
         out.print(f"{p.name}: already trained to step {result.step} in {target}{best} (raise --steps to continue)",
                   highlight=False)
         return
-    val = result.val
-    parts = [f"val loss {val['loss']:.4g}" if "loss" in val else ""]
-    if "accuracy" in val:
-        parts.append(f"val accuracy {val['accuracy']:.3f}")
-    if "sample_l1_255" in val:
-        parts.append(f"sample L1 {val['sample_l1_255']:.2f}/255")
-    info = ", ".join(x for x in parts if x)
-    start = f" (resumed at step {result.start_step})" if result.start_step else ""
-    out.print(f"{p.name}: trained to step {result.step}{start}; {info}{best}; weights {result.weights}",
+    out.print(f"{p.name}: trained to step {result.step}{resumed_at(result)}; {val_summary(result.val)}{best}; "
+              f"weights {result.weights}",
               highlight=False)
 
 

@@ -8,7 +8,7 @@ features or uint8 RGB arrays; feature extractors (StainNet, InceptionV3) live in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -143,6 +143,26 @@ def fd_from_features(f1: np.ndarray, f2: np.ndarray, what: str = "features") -> 
     return FDResult(fd_value(f1, f2), rank_warning(n, dim, what))
 
 
+def _on_device(f1: np.ndarray, f2: np.ndarray, device: Any) -> tuple[Any, Any]:
+    """float64 tensor copies of both feature sets on ``device`` (None, None without one)."""
+    if device is None:
+        return None, None
+    import torch
+
+    return tuple(torch.as_tensor(f, dtype=torch.float64, device=device) for f in (f1, f2))
+
+
+def _fd_rows(f1: np.ndarray, f2: np.ndarray, t1: Any, t2: Any, i1: np.ndarray, i2: np.ndarray,
+             device: Any) -> float:
+    """The Fréchet distance of rows ``i1`` of ``f1`` and ``i2`` of ``f2`` (on ``device``'s copies t1, t2 if given)."""
+    if device is None:
+        return fd_value(f1[i1], f2[i2])
+    import torch
+
+    j1, j2 = (torch.as_tensor(i, device=device) for i in (i1, i2))
+    return _fd_value_torch(t1[j1], t2[j2])
+
+
 def _fd_value_torch(f1, f2) -> float:
     """:func:`fd_value` in torch float64 on the tensors' device (same formulas)."""
     import torch
@@ -214,19 +234,12 @@ def fd_interval(
         raise ValueError(f"an FD interval needs at least 3 rows per set, got {n1} and {n2}")
     same = paired and n1 == n2
     rng = seeding.numpy_rng(seed)
-    if device is not None:
-        import torch
-
-        t1, t2 = (torch.as_tensor(f, dtype=torch.float64, device=device) for f in (f1, f2))
+    t1, t2 = _on_device(f1, f2, device)
     vals = np.empty(n_sub)
     for b in range(n_sub):
         i1 = rng.permutation(n1)[:m1]
         i2 = i1 if same else rng.permutation(n2)[:m2]
-        if device is None:
-            vals[b] = fd_value(f1[i1], f2[i2])
-        else:
-            j1, j2 = (torch.as_tensor(i, device=device) for i in (i1, i2))
-            vals[b] = _fd_value_torch(t1[j1], t2[j2])
+        vals[b] = _fd_rows(f1, f2, t1, t2, i1, i2, device)
         if callback is not None:
             callback()
     # Finite-population rescaling, one factor per set (equal for equal fractions).
@@ -395,19 +408,12 @@ def fd_cluster_interval(
     if s < 2:
         return float("nan"), float("nan")
     w = cluster_weights(s, n_boot, seed)
-    if device is not None:
-        import torch
-
-        t1, t2 = (torch.as_tensor(f, dtype=torch.float64, device=device) for f in (f1, f2))
+    t1, t2 = _on_device(f1, f2, device)
     vals = np.full(n_boot, np.nan)
     for b in range(n_boot):
         i1, i2 = cluster_rows(c1, w[b]), cluster_rows(c2, w[b])
         if min(len(i1), len(i2)) >= 2:
-            if device is None:
-                vals[b] = fd_value(f1[i1], f2[i2])
-            else:
-                j1, j2 = (torch.as_tensor(i, device=device) for i in (i1, i2))
-                vals[b] = _fd_value_torch(t1[j1], t2[j2])
+            vals[b] = _fd_rows(f1, f2, t1, t2, i1, i2, device)
         if callback is not None:
             callback()
     return cluster_interval(est, vals, s, level, basic=True)

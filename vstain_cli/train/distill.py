@@ -43,11 +43,11 @@ from vstain_cli.diffusion.schedule import Schedule
 from vstain_cli.errors import InputError
 from vstain_cli.nets.unet import UNet
 from vstain_cli.progress import NullProgress, Progress
-from vstain_cli.provenance import ensure_writable_dir, fingerprint, read_format_json, record
+from vstain_cli.provenance import fingerprint, read_format_json, record
 from vstain_cli.train import checkpoint, run_folder
 from vstain_cli.train.distributed import Dist
 from vstain_cli.train.ema import EMA
-from vstain_cli.train.loop import TrainResult, _Loop, check_dataset
+from vstain_cli.train.loop import TrainResult, _Loop, check_dataset, open_run_folder
 from vstain_cli.train.networks import build_network, cond_channels
 from vstain_cli.train.objectives import Batch, Objective, _adam
 from vstain_cli.train.precision import Amp, resolve_precision
@@ -664,15 +664,7 @@ def _distill(teacher: Teacher, options: DistillOptions, preset: Preset, phases: 
                          "processes")
     precision, warnings = resolve_precision(preset.train.precision, dist.device)
     config = distill_config(teacher, options, preset, phases, info, dist, precision)
-    mode = run_folder.plan(out, config, resume=resume, force=force)
-    dist.barrier()
-    if dist.is_main:
-        ensure_writable_dir(out)
-        for w in warnings:
-            progress.warn(w)
-        if mode == "fresh":
-            run_folder.clear(out)
-            run_folder.write_config(out, config)  # a resume keeps the config (and provenance) it started with
+    mode = open_run_folder(out, config, dist, warnings, progress, resume=resume, force=force)
     amp = Amp(precision, dist.device)
     seeding.seed_torch(seeding.train_seed(options.seed, 0, 0, seeding.INIT))
     if options.intervals:

@@ -77,6 +77,24 @@ def missing_labels(info: DatasetInfo) -> dict[str, list[int]]:
     return {s: sorted(every - labels) for s, labels in sorted(by_split.items()) if every - labels}
 
 
+def open_run_folder(out: Path, config: dict[str, Any], dist: Dist, warnings: list[str], progress: Progress, *,
+                    resume: bool, force: bool) -> str:
+    """Start or resume the run folder ``out`` ("fresh" or "resume", ``run_folder.plan``); rank 0 writes.
+
+    A fresh run gets its config.json once; a resume keeps the config (and provenance) it started with.
+    """
+    mode = run_folder.plan(out, config, resume=resume, force=force)
+    dist.barrier()  # every rank has read the folder before rank 0 changes it
+    if dist.is_main:
+        ensure_writable_dir(out)
+        for w in warnings:
+            progress.warn(w)
+        if mode == "fresh":
+            run_folder.clear(out)
+            run_folder.write_config(out, config)
+    return mode
+
+
 def train(
     preset: Preset,
     data: str | Path,
@@ -113,15 +131,8 @@ def _train(preset: Preset, info: DatasetInfo, out: Path, dist: Dist, *, resume: 
     precision, warnings = resolve_precision(t.precision, dist.device)
     config = run_folder.run_config(preset, info, world_size=dist.world_size, device=str(dist.device),
                                precision=precision)
-    mode = run_folder.plan(out, config, resume=resume, force=force)
-    dist.barrier()  # every rank has read the folder before rank 0 changes it
+    mode = open_run_folder(out, config, dist, warnings, progress, resume=resume, force=force)
     if dist.is_main:
-        ensure_writable_dir(out)
-        for w in warnings:
-            progress.warn(w)
-        if mode == "fresh":
-            run_folder.clear(out)
-            run_folder.write_config(out, config)
         if preset.kind == "stainnet":
             for split, labels in missing_labels(info).items():
                 progress.warn(f"the {split} split has no slide with label(s) {labels}: StainNet cannot learn or "
