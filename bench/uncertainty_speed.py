@@ -1,6 +1,18 @@
-"""Speed and memory of ``vstain uncertainty`` (vstain_cli.uq.maps) vs slide size.
+"""Speed and memory of ``vstain uncertainty`` (vstain_cli.uq.maps) vs slide size; interval run vs sampling.
 
     python bench/uncertainty_speed.py [--size 2048] [--samples 2] [--steps 1] [--region 512] [--device cpu]
+    python bench/uncertainty_speed.py --compare-interval [--model phantom-diffusion] [--size 384] [--device cpu]
+
+``--compare-interval``: ``vstain uncertainty`` of one held-out phantom slide (the
+demo's recipe: grade 2, ``size``^2 px, the run's channels and µm/px, a seed no run
+saw), in a fresh process each, (a) with the diffusion run as calibrated (the
+bundled phantom-diffusion: 8 samples x DPM-Solver++(2M) 10 steps, from its
+calibration.json) and (b) with an interval run of the same network
+(``train.distill.interval_from_teacher``: the Conffusion head on the teacher's
+weights, what ``vstain distill --intervals`` fine-tunes; its cost per call is a
+trained one's, its bounds are not, so only the seconds are compared). Prints the
+seconds of each ``uncertainty_slide`` call, the network calls per window, the
+windows evaluated and the speed-up.
 
 AF slides of ``size``^2 px and 4x that area, tissue in 512 px blocks on 25 % of
 the slide (the default small slide already fills the AF reader's 64-tile cache),
@@ -77,6 +89,73 @@ print("RESULT", json.dumps({"seconds": sec, "megapixels": height * width / 1e6,
 """
 
 
+COMPARE_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from vstain_cli.infer.run import Run, load_run
+from vstain_cli.train.distill import INTERVAL_KIND, interval_from_teacher
+from vstain_cli.uq.maps import UncertaintyOptions, uncertainty_slide
+
+kind, af, model, out, region, device = sys.argv[1:7]
+run = load_run(model, device)
+if kind == "interval":
+    folder = Path(out).parent / "interval-run"  # no calibration.json there: lambda = 1 (seconds only)
+    folder.mkdir(exist_ok=True)
+    net = interval_from_teacher(run.model, run.preset, run.channels).to(run.device).eval().requires_grad_(False)
+    run = Run(path=folder, config=run.config, preset=run.preset, kind=INTERVAL_KIND, channels=run.channels,
+              tile_size=run.tile_size, step=run.step, device=run.device, model=net, prior=run.prior,
+              af_low=run.af_low, af_high=run.af_high)
+t = time.perf_counter()
+res = uncertainty_slide(af, run, out, UncertaintyOptions(region=int(region), device=device))
+sec = time.perf_counter() - t
+calls = 1 if res.source == "bounds" else res.samples * res.sampling["steps"]
+print("RESULT", json.dumps({"seconds": sec, "windows": res.stats.windows, "calls_per_window": calls,
+      "source": res.source, "samples": res.samples, "sampling": res.sampling,
+      "mean_width_tissue": res.summary["mean_width_tissue"]}))
+"""
+
+
+def compare_interval(args: argparse.Namespace) -> None:
+    """Interval run (one call per window) vs the calibrated diffusion sampling, same slide, one script run."""
+    from vstain_cli.data.synth.render import SlideSpec, write_pair
+    from vstain_cli.infer.bundled import bundled_path
+    from vstain_cli.infer.run import load_run
+    from vstain_cli.infer.wholeslide import training_mpp
+
+    run = load_run(bundled_path(args.model) or args.model, "cpu")
+    mpp = training_mpp(run) or 1.0
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        af, he = root / "heldout.af.ome.tif", root / "heldout.he.tif"
+        write_pair(SlideSpec.random("heldout-bench", 2, args.size, args.size, run.channels, mpp, 7_777_777), af, he,
+                   workers=1)
+        rows = {}
+        for kind in ("diffusion", "interval"):
+            proc = subprocess.run([sys.executable, "-c", COMPARE_CHILD, kind, str(af), str(run.path),
+                                   str(root / f"unc-{kind}"), str(args.region), args.device],
+                                  check=False, capture_output=True, text=True, env=env)
+            if proc.returncode:
+                sys.exit(proc.stderr)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+            rows[kind] = json.loads(line.split(" ", 1)[1])
+    d, i = rows["diffusion"], rows["interval"]
+    s = d["sampling"]
+    print(f"vstain uncertainty of one {args.size}x{args.size} px held-out phantom slide ({run.channels} AF channels, "
+          f"{mpp:g} µm/px), {run.path.name} network (base {run.preset.model.base_channels}, "
+          f"{run.tile_size} px windows), region {args.region} px, {args.device}, 1 thread")
+    # RegionStats.windows counts window evaluations of the network (every step of every sample)
+    print(f"  diffusion, {d['samples']} samples x {s['sampler']} {s['steps']} steps: {d['seconds']:.1f} s, "
+          f"{d['windows']} window evaluations ({d['windows'] // d['calls_per_window']} windows x "
+          f"{d['calls_per_window']} network calls)")
+    print(f"  interval run, one pass: {i['seconds']:.1f} s, {i['windows']} window evaluations ({i['windows']} "
+          f"windows x 1 network call; half-window overlap as regression, diffusion a quarter)")
+    print(f"  speed-up {d['seconds'] / i['seconds']:.1f}x in seconds, {d['windows'] / i['windows']:.1f}x fewer "
+          "window evaluations")
+
+
 def measure(height: int, width: int, args: argparse.Namespace, root: Path) -> dict:
     for mode in ("write", "run"):
         proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(height), str(width), str(args.samples),
@@ -90,12 +169,21 @@ def measure(height: int, width: int, args: argparse.Namespace, root: Path) -> di
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=2048, help="side of the small slide")
+    p.add_argument("--size", type=int, default=None,
+                   help="side of the small slide (default 2048; 384, the demo's held-out slide, with --compare-interval)")
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--region", type=int, default=512)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compare-interval", action="store_true",
+                   help="interval run vs the calibrated diffusion sampling on one held-out slide")
+    p.add_argument("--model", default="phantom-diffusion", help="diffusion run for --compare-interval")
     args = p.parse_args()
+    if args.compare_interval:
+        args.size = args.size or 384
+        compare_interval(args)
+        return
+    args.size = args.size or 2048
     s = args.size
     print(f"micro UNet (base 8, 32 px windows), {args.samples} samples x {args.steps} DDIM steps, "
           f"region {args.region} px, {args.device}, 1 thread")
