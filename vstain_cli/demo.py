@@ -83,9 +83,20 @@ class DemoOptions:
     reuse_bundled_calibration: bool = False   # copy the bundled calibration.json instead of calibrating
     # distill stage (used when the demo trains): optimizer steps (batch 16) per halving phase of each distilled
     # sampler (16 -> 8 -> 4, then 4 -> 2: 3 phases) and of the interval fine-tune. 3 x 1000 x 0.14 s +
-    # 2000 x 0.10 s: about 10 minutes on 2 cores.
-    distill_phase_steps: int = 1000
-    interval_steps: int = 2000
+    # 2000 x 0.10 s: about 10 minutes on 2 cores. None: a third (phases) and two thirds (interval fine-tune) of
+    # the diffusion run's training steps, so a short ``--diffusion-steps`` demo distils briefly too.
+    distill_phase_steps: int | None = None
+    interval_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.distill_phase_steps is None or self.interval_steps is None:
+            from vstain_cli.train.presets import load_preset
+
+            teacher = self.diffusion_steps or load_preset(PRESETS["diffusion"]).train.steps
+            if self.distill_phase_steps is None:
+                self.distill_phase_steps = max(1, teacher // 3)
+            if self.interval_steps is None:
+                self.interval_steps = max(1, 2 * teacher // 3)
 
     def check(self) -> None:
         if self.slides < 4:
