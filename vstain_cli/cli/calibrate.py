@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from vstain_cli.cli.common import (
-    RichProgress,
+    cli_progress,
     console,
     device_option,
     force_option,
@@ -156,6 +156,6 @@ def calibrate(
                                protocol=protocol, interval=interval, lambda_max=lambda_max, seed=seed,
                                batch_size=batch_size, device=device,
                                baseline=None if baseline is None else str(baseline), scales=tuple(scale or ()))
-    with RichProgress() as progress:
+    with cli_progress() as progress:
         result = calibrate_run(model, data, options, force=force, progress=progress)
     _print_table(result)

@@ -385,10 +385,6 @@ def cli_progress(enabled: bool = True) -> RichBars | LogProgress:
     return RichBars() if mode == "rich" else LogProgress(json_lines=mode == "json", quiet=mode == "quiet")
 
 
-# The former name, still imported by cli/uncertainty.py, cli/calibrate.py and cli/register.py; remove it
-# once they call cli_progress.
-RichProgress = cli_progress
-
 
 # ----------------------------------------------------------------------------- run summaries
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from vstain_cli.cli.common import RichProgress, console, fail, force_option, handles_errors
+from vstain_cli.cli.common import cli_progress, console, fail, force_option, handles_errors
 
 
 @handles_errors
@@ -46,7 +46,7 @@ def register(
     options = RegisterOptions(max_rotation=max_rotation, block_um=block_um, step_um=step_um,
                               min_confidence=min_confidence, min_blocks=min_blocks, min_matched=min_matched,
                               max_residual_um=max_residual, max_scale_change=max_scale_change)
-    with RichProgress() as progress:
+    with cli_progress() as progress:
         result = register_pairs(pairs, out_dir, options, mpp=mpp, force=force, progress=progress)
     n = len(result.passed) + len(result.failed)
     took = time.perf_counter() - t0

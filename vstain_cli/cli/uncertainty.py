@@ -19,10 +19,10 @@ from vstain_cli.cli.common import (
     Overlap,
     Protocol,
     Region,
-    RichProgress,
     Sampler,
     Seed,
     Steps,
+    cli_progress,
     console,
     handles_errors,
 )
@@ -69,7 +69,7 @@ def uncertainty(
     options = UncertaintyOptions(sampler=sampler, steps=steps, eta=eta, protocol=protocol, batch_size=batch_size,
                                  overlap=overlap, region=region, device=device, seed=seed, samples=samples,
                                  width_max=width_max, mpp=mpp, out_format=out_format, scales=tuple(scale or ()))
-    with RichProgress() as progress:
+    with cli_progress() as progress:
         result = uncertainty_slide(af, model, out, options, calibration=calibration, reference=reference,
                                     force=force, progress=progress)
     if result is None:  # a non-zero torchrun rank

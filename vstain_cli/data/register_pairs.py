@@ -28,11 +28,11 @@ import numpy as np
 from vstain_cli.data.manifest import SlidePair, read_pairs
 from vstain_cli.data.registration import FORMAT, FORMAT_VERSION, RegisterOptions, Registration, estimate
 from vstain_cli.data.warp import Transform, transform_from_dict, transform_to_dict, warp_view
-from vstain_cli.errors import InputError, OutputExistsError, input_errors
+from vstain_cli.errors import InputError, input_errors
 from vstain_cli.io.images import colormap, write_png
 from vstain_cli.io.slides import open_af, open_he
 from vstain_cli.progress import NullProgress, Progress
-from vstain_cli.provenance import atomic_output, ensure_writable_dir, fingerprint, record, write_json
+from vstain_cli.provenance import atomic_output, check_output_file, fingerprint, record, write_json
 
 
 def registration_record(pair: SlidePair, reg: Registration, af_size, he_size, options: RegisterOptions) -> dict:
@@ -130,9 +130,7 @@ def register_pairs(
     new_csv = out / "pairs.csv"
     if new_csv.resolve() == Path(pairs_csv).resolve():
         raise InputError("--out is the folder of the input pairs.csv; choose another folder", out)
-    if new_csv.exists() and not force:
-        raise OutputExistsError("holds a registered pairs.csv; pass --force to redo it", out)
-    ensure_writable_dir(out)
+    check_output_file(new_csv, force)
     progress.start("slides", "register", len(pairs))
     rows, failed, why = [], {}, {}
     for p in pairs:

@@ -56,12 +56,12 @@ from vstain_cli import seeding
 from vstain_cli.data.loader import spread_indices
 from vstain_cli.data.store import SPLITS, DatasetInfo, he_to_unit, open_dataset
 from vstain_cli.diffusion.samplers import PROTOCOLS, SAMPLERS, protocol_record, resolve_protocol
-from vstain_cli.errors import InputError, OutputExistsError
+from vstain_cli.errors import InputError
 from vstain_cli.infer.bundled import bundle_root, bundled_path
 from vstain_cli.infer.run import Run, resolve_run
 from vstain_cli.infer.wholeslide import require_diffusion
 from vstain_cli.progress import NullProgress, Progress
-from vstain_cli.provenance import ensure_writable_dir, fingerprint, record, write_json
+from vstain_cli.provenance import check_output_file, ensure_writable_dir, fingerprint, record, write_json
 from vstain_cli.train.run_folder import CALIBRATION_FILE, WEIGHTS
 from vstain_cli.uq.intervals import (
     DEFAULT_FORM,
@@ -374,7 +374,7 @@ def _calibrate_level(level: _Level, options: CalibrateOptions, hint: str, unit: 
         try:
             extra = {"samples": options.samples} if name in FORMS and level.kind == "samples" else {}
             out[name] = table.calibrate(options.alpha, options.delta, hint=hint, risk_unit=unit, **extra)
-        except InputError as e:
+        except ValueError as e:  # no lambda keeps the risk bound (intervals.calibrate_lambda)
             out[name] = str(e)
     return out
 
@@ -469,8 +469,7 @@ def calibrate_run(
     if run_dir.resolve().is_relative_to(bundle_root().resolve()):
         raise InputError("is a bundled run, which ships calibrated and is never modified; copy the folder and "
                          "calibrate the copy", run_dir)
-    if out.exists() and not force:
-        raise OutputExistsError("calibration exists; pass --force to recalibrate", out)
+    check_output_file(out, force)
     run = resolve_run(model, options.device)
     info = open_dataset(data)
     check_compatible(run, info)

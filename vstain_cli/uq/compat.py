@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vstain_cli.diffusion.samplers import effective_eta
-from vstain_cli.errors import InputError
+from vstain_cli.errors import InputError, input_errors
 from vstain_cli.uq.intervals import Calibration
 
 
@@ -64,7 +64,8 @@ class CalibrationFile:
             if "error" in e:
                 continue
             where = f"scales[{i}]"
-            cal = Calibration.from_dict(e, self.path, where)
+            with input_errors(self.path):
+                cal = Calibration.from_dict(e, where)
             try:
                 out.append(ScaleCalibration(float(e["scale_um"]), int(e["block_px"]), float(e["block_um"]), cal, e))
             except (KeyError, TypeError, ValueError) as err:

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import optimize, special, stats
 
-from vstain_cli.errors import InputError
+from vstain_cli.errors import input_errors
 from vstain_cli.provenance import read_format_json, write_json
 
 FORMAT = "vstain-calibration"
@@ -81,10 +81,10 @@ def sample_quantiles(samples, q_low: float = 0.05, q_high: float = 0.95
     type 7), from one sort along the sample axis.
     """
     if not 0.0 <= q_low < 0.5 < q_high <= 1.0:
-        raise InputError(f"quantiles must satisfy 0 <= q_low < 0.5 < q_high <= 1, got {q_low}, {q_high}")
+        raise ValueError(f"quantiles must satisfy 0 <= q_low < 0.5 < q_high <= 1, got {q_low}, {q_high}")
     s = np.sort(np.asarray(samples, dtype=np.float32), axis=0)
     if s.ndim < 1 or s.shape[0] < 2:
-        raise InputError(f"need at least 2 samples per input, got {s.shape[0] if s.ndim else 0}")
+        raise ValueError(f"need at least 2 samples per input, got {s.shape[0] if s.ndim else 0}")
     return (_quantile_sorted(s, q_low), _quantile_sorted(s, q_high),
             _quantile_sorted(s, 0.5), s.mean(axis=0))
 
@@ -277,9 +277,9 @@ def hb_ucb(risk_hat: float, n: int, delta: float = 0.1) -> float:
     by Brent's method (as RCPS's reference code does).
     """
     if n < 1:
-        raise InputError("the calibration set is empty")
+        raise ValueError("the calibration set is empty")
     if not 0.0 < delta < 1.0:
-        raise InputError(f"delta must be in (0, 1), got {delta}")
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
     risk_hat = float(min(max(risk_hat, 0.0), 1.0))
     if risk_hat >= 1.0:
         return 1.0
@@ -336,11 +336,13 @@ class Calibration:
         meta = read_format_json(
             path, FORMAT, missing=("calibration file not found (make one with `vstain calibrate`)", path),
             corrupt="corrupt calibration file", wrong="not a vstain calibration file (format field missing)")
-        return cls.from_dict(meta, path)
+        with input_errors(path):
+            return cls.from_dict(meta)
 
     @classmethod
-    def from_dict(cls, meta: dict[str, Any], path: str | Path, where: str = "") -> Calibration:
-        """Parse a calibration record (the file's top level, or one of its ``scales`` entries named ``where``).
+    def from_dict(cls, meta: dict[str, Any], where: str = "") -> Calibration:
+        """Parse a calibration record (the file's top level, or one of its ``scales`` entries named ``where``);
+        ValueError saying what is wrong (the readers name the file).
 
         Fields added after format version 1 are optional (``interval``: "centered";
         ``source``: "samples"), so older files read as what they were made as.
@@ -365,13 +367,13 @@ class Calibration:
                 source=str(meta.get("source", "samples")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise InputError(f"{bad} (bad or missing field {e})", path) from None
+            raise ValueError(f"{bad} (bad or missing field {e})") from None
         if cal.interval not in FORMS:
-            raise InputError(f"{bad} (interval {cal.interval!r} is not one of {', '.join(FORMS)})", path)
+            raise ValueError(f"{bad} (interval {cal.interval!r} is not one of {', '.join(FORMS)})")
         if cal.source not in SOURCES:
-            raise InputError(f"{bad} (source {cal.source!r} is not one of {', '.join(SOURCES)})", path)
+            raise ValueError(f"{bad} (source {cal.source!r} is not one of {', '.join(SOURCES)})")
         if not (math.isfinite(cal.lam) and cal.lam >= 0 and 0 < cal.alpha < 1 and 0 < cal.delta < 1):
-            raise InputError(f"{bad} (lam={cal.lam}, alpha={cal.alpha}, delta={cal.delta} out of range)", path)
+            raise ValueError(f"{bad} (lam={cal.lam}, alpha={cal.alpha}, delta={cal.delta} out of range)")
         return cal
 
 
@@ -385,25 +387,25 @@ def calibrate_lambda(risks: np.ndarray | Callable[[float], np.ndarray], lambdas=
     risk must not increase with lambda (true in both forms: their intervals are nested). Lambdas are
     scanned from the largest down; lambda_hat is the last one whose HB UCB of the
     mean risk is < alpha before the first that is not. ``meta`` (q_low, q_high,
-    samples, ...) is recorded in the result. InputError when even the largest
+    samples, ...) is recorded in the result. ValueError when even the largest
     lambda fails (too few images, or a grid that stops too low); its message ends
     with ``hint`` (what to change; default: the arguments of this function).
     """
     if not 0.0 < alpha < 1.0:
-        raise InputError(f"alpha must be in (0, 1), got {alpha}")
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     lambdas = np.asarray(lambdas, np.float64)
     if lambdas.ndim != 1 or lambdas.size == 0:
-        raise InputError("the lambda grid must be a non-empty 1-D list")
+        raise ValueError("the lambda grid must be a non-empty 1-D list")
     order = np.argsort(lambdas)[::-1]  # large -> small
     table = None if callable(risks) else np.asarray(risks, np.float64)
     if table is not None and (table.ndim != 2 or table.shape[0] != lambdas.size):
-        raise InputError(f"risks must be (len(lambdas), n) = ({lambdas.size}, n), got {table.shape}")
+        raise ValueError(f"risks must be (len(lambdas), n) = ({lambdas.size}, n), got {table.shape}")
     chosen = None
     for k in order:
         r = np.asarray(risks(float(lambdas[k])) if table is None else table[k], np.float64)
         n = r.size
         if n == 0:
-            raise InputError("the calibration set is empty")
+            raise ValueError("the calibration set is empty")
         risk_hat = float(r.mean())
         # UCB < alpha  <=>  p-value of H0 "risk >= alpha" < delta (p decreases in R):
         # one p-value per lambda instead of a root search.
@@ -411,7 +413,7 @@ def calibrate_lambda(risks: np.ndarray | Callable[[float], np.ndarray], lambdas=
             break
         chosen = (float(lambdas[k]), risk_hat, n)
     if chosen is None:
-        raise InputError(
+        raise ValueError(
             f"no lambda up to {lambdas.max():g} keeps the risk bound below alpha={alpha} "
             f"(UCB {hb_ucb(risk_hat, n, delta):.3f} at the largest lambda with {n} images); "
             + (hint or "use more calibration images, a grid (lambdas) that reaches higher, or a larger alpha"))
