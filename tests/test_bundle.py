@@ -22,7 +22,7 @@ def manifest():
 # weights); `vstain demo --retrain --export-bundle models/runs` writes format 2 (with split sizes and stage log).
 stale_format = pytest.mark.skipif(
     (read_manifest() or {}).get("format_version", 1) < 2,
-    reason="models/runs predates the demo recipe of issue 18: rebuild with "
+    reason="models/runs predates the current demo recipe: rebuild with "
            "`vstain demo DIR --retrain --export-bundle models/runs --device cpu`")
 
 

@@ -149,7 +149,7 @@ def test_with_train_overrides():
 
 
 def test_demo_image_models_train_with_equal_budgets():
-    # issue 18: diffusion and its baselines get the same optimizer steps and batch, each to its best validation
+    # diffusion and its baselines get the same optimizer steps and batch, each to its best validation
     trains = [load_preset(f"demo-{k}").train for k in ("diffusion", "regression", "pix2pix")]
     assert len({(t.steps, t.batch_size) for t in trains}) == 1
     assert all(t.keep == "best-val" and t.val_batches > 0 and t.val_every < t.steps for t in trains)

@@ -220,7 +220,7 @@ def _shape_section(shape: dict) -> str:
     verdict = "reproduced" if shape["reproduced"] else "not reproduced"
     level = {"slides": "slide-level (slides resampled)", "tiles": "tile-level (slides unknown)"}.get(
         shape.get("intervals"), "")
-    more = (f"<p class=note>Beyond Table 1 (issue 18's evidence; not part of the verdict above):</p>"
+    more = (f"<p class=note>Beyond Table 1 (checks a sceptical reader asks for; not part of the verdict above):</p>"
             f"<ul>{_claims(shape['evidence'])}</ul>" if shape.get("evidence") else "")
     return (f"<h2>Table 1's shape: {verdict}</h2><p class=note>Sridhar et al. 2023: regression best on L1/L2 "
             f"and worst on FSD, pix2pix between, diffusion best on FSD. A claim holds here only when the two "

@@ -8,7 +8,7 @@ The intervals are those of score.json: slide-level (slides resampled, the cluste
 bootstrap of ``vstain_cli.score.metrics``) whenever the tiles' slides are known;
 ``intervals`` in the result says which.
 
-Beyond Table 1, ``evidence`` lists issue 18's checks, outside the verdict: diffusion
+Beyond Table 1, ``evidence`` lists the further checks, outside the verdict: diffusion
 best on the paired feature distance (PFD), and diffusion keeping the steatosis grade
 (StainNet's tile accuracy on its tiles at least ``GRADE_KEPT`` of that on the real
 tiles, as the lower end of the slide-level interval of the ratio).
