@@ -341,23 +341,24 @@ def interval_notes(ctx: DemoContext) -> list[str]:
              f"tile: {_coverage(iv)}; diffusion, {o.samples} samples x {o.sample_steps} steps "
              f"({o.samples * o.sample_steps} calls): {_coverage(diff)}; trivial band around regression: "
              f"{_coverage(band)}{speed}."]
-    verdict = [_against_band(name, cal, band) for name, cal in ((INTERVAL_RUN, iv), ("diffusion", diff))]
+    verdict = [_against_band(name, cal) for name, cal in ((INTERVAL_RUN, iv), ("diffusion", diff))]
     return lines + [v for v in verdict if v]
 
 
-def _width(cal: dict[str, Any] | None) -> float | None:
-    return ((cal or {}).get("test_coverage") or {}).get("mean_width_255")
-
-
-def _against_band(name: str, cal: dict[str, Any] | None, band: dict[str, Any]) -> str:
-    """Whether ``name``'s calibrated intervals are narrower on test than the trivial band, both calibrated alike."""
-    w, wb = _width(cal), _width(band)
+def _against_band(name: str, cal: dict[str, Any] | None) -> str:
+    """Whether ``name``'s calibrated test intervals are narrower than the trivial band around regression at the
+    same test coverage (``calibrate --baseline``'s ``matched`` band: its constant widened or narrowed until its
+    coverage equals the model's)."""
+    t = (cal or {}).get("test_coverage") or {}
+    band = (((cal or {}).get("baselines") or {}).get("baseline_run") or {}).get("matched") or {}
+    w, wb = t.get("mean_width_255"), band.get("mean_width_255")
     if w is None or wb is None:
         return ""
+    at = f"{w:.1f} vs {wb:.1f}/255 at test coverage {t.get('coverage', float('nan')):.3f}"
     if w < wb:
-        return f"{name}'s intervals are narrower than the trivial band at the same calibration ({w:.1f} vs {wb:.1f}/255)."
-    return (f"{name}'s intervals are NOT narrower than the trivial band ({w:.1f} vs {wb:.1f}/255 at the same "
-            "calibration): they do not beat a constant band around regression here.")
+        return f"{name}'s intervals are narrower than the trivial band around regression ({at})."
+    return (f"{name}'s intervals are NOT narrower than the trivial band around regression ({at}): they do not "
+            "beat a constant band here.")
 
 
 def cost_comparison(ctx: DemoContext) -> list[str]:
