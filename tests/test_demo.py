@@ -102,3 +102,17 @@ def test_demo_refuses_to_delete_a_foreign_folder(tmp_path):
     proc = run_cli("demo", str(tmp_path), "--force")
     assert proc.returncode == 2 and "holds no demo.json" in proc.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_intervals_are_judged_against_the_band_at_the_same_coverage():
+    from vstain_cli.demo import _against_band
+
+    def cal(width, band_matched):
+        return {"test_coverage": {"coverage": 0.95, "mean_width_255": width},
+                "baselines": {"baseline_run": {"test_coverage": {"coverage": 0.93, "mean_width_255": 90.0},
+                                               "matched": {"coverage": 0.95, "mean_width_255": band_matched}}}}
+
+    # raw band width 90 < 100, but at the model's coverage the band needs 105: the model is narrower
+    assert "are narrower" in _against_band("run", cal(100.0, 105.0))
+    assert "NOT narrower" in _against_band("run", cal(100.0, 95.0))
+    assert _against_band("run", {"test_coverage": {"coverage": 0.95, "mean_width_255": 100.0}}) == ""

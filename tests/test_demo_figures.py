@@ -39,5 +39,23 @@ def test_figures_table_from_a_demo_result(tmp_path):
                      calibration={"lam": 3.291, "alpha": 0.1, "delta": 0.1, "test_coverage": {"coverage": 0.96}})
     text = m.figures(res, wall=346.0, cpu=660.0)
     assert "**5 min 46 s** wall, 11 min of CPU" in text
-    assert "| synth | 12 |" in text and "| regression | - | 17.2 [16.5, 18.0] | - |" in text
+    # columns: FSD, PFD, L1, L2, PSNR, SSIM, grade accuracy, slides right
+    assert "| synth | 12 |" in text and "| regression | - | - | 17.2 [16.5, 18.0] | - | - | - | – | – |" in text
     assert "lambda 3.29" in text and "coverage 0.960" in text
+
+
+def test_figures_show_grade_agreement_and_the_cheap_runs(tmp_path):
+    from vstain_cli.demo import DemoResult
+
+    m = _module()
+    iv = {"value": 0.5, "lo": 0.4, "hi": 0.6}
+    grade = {"tile_accuracy": iv, "real_tile_accuracy": {"value": 0.625}, "slides_correct": 7,
+             "real_slides_correct": 9, "slides": 12}
+    res = DemoResult(tmp_path, seconds={}, bundled=True, fresh_phantom=True,
+                     score={"settings": {"n_slides": 12},
+                            "models": {"diffusion": {"metrics": {"PFD": iv}, "grade": grade}}},
+                     comparison=["diffusion-4step vs diffusion: FSD x1.14"])
+    text = m.figures(res, wall=60.0, cpu=None)
+    assert "another seed" in text and "resample the 12 test slides" in text
+    assert "| diffusion | - | 0.50 [0.40, 0.60] | - | - | - | - | 0.500 [0.400, 0.600] (0.625) | 7/12 (9/12) |" in text
+    assert "- diffusion-4step vs diffusion: FSD x1.14" in text
