@@ -331,13 +331,18 @@ def test_interval_source_bounds_of_a_one_pass_run():
     assert mult.interval == "multiplicative" and mult.lam > 1
     lo3, hi3 = source_interval(mult, (m2 - 0.1, m2 + 0.1))
     assert np.mean((t2 >= lo3) & (t2 <= hi3)) >= 0.9
-    with pytest.raises(InputError, match="no lambda up to 1"):
+    with pytest.raises(ValueError, match="no lambda up to 1"):
         calibrate_intervals(lower, upper, target + 0.5, lambda_max=1.0)
 
 
 def test_old_calibration_files_read_as_before(tmp_path):
-    """The bundled calibration.json (no source, no scales) reads as a per-pixel calibration of samples."""
-    f = CalibrationFile.read(BUNDLED_CALIBRATION)
+    """A calibration.json written before sources and scales (no ``source``, no ``scales``) reads as a per-pixel
+    calibration of samples."""
+    pre_scales = {k: v for k, v in json.loads(BUNDLED_CALIBRATION.read_text()).items()
+                  if k not in ("source", "scales", "baselines", "forms")}
+    older = tmp_path / "pre-scales.json"
+    older.write_text(json.dumps(pre_scales))
+    f = CalibrationFile.read(older)
     assert f.cal.source == "samples" and f.cal.interval == "multiplicative" and f.cal.lam > 1
     assert f.cal.q_low == 0.05 and f.scales() == []
     with pytest.raises(InputError, match=r"has no calibration at --scale 4 µm \(scales calibrated: none\)"):

@@ -48,7 +48,10 @@ def test_one_ctrl_c_stops_uncertainty_within_seconds_leaving_nothing(env, tmp_pa
         time.sleep(1.0)  # inside the region loop (sampling, writer threads started)
         proc.send_signal(signal.SIGINT)
         t0 = time.time()
-        stdout, _ = proc.communicate(timeout=20)
+        try:
+            stdout, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 20 s after one Ctrl-C; stderr:\n{err.read_text()}")
         stopped = time.time() - t0
     finally:
         if proc.poll() is None:
@@ -93,3 +96,22 @@ def test_the_run_calibration_sets_the_default_sampling(env, tmp_path):
     assert (flags.sampling["sampler"], flags.sampling["steps"]) == ("ddim", 2)  # the flags win
     r = run_cli("stain", "--help")
     assert "calibration.json" in " ".join(r.stdout.split())
+
+
+def test_a_stuck_clean_up_after_ctrl_c_still_ends_the_process(tmp_path):
+    """The watchdog: if the clean-up after a signal hangs, the process exits anyway and says where it was."""
+    code = ("import os, signal, time\n"
+            "import vstain_cli.cli.common as c\n"
+            "c.CLEANUP_GRACE_S = 0.5\n"
+            "c._signals_as_interrupt()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(5)\n"
+            "except KeyboardInterrupt:\n"
+            "    time.sleep(60)  # a clean-up that never ends\n")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 130 and time.time() - t0 < 20, (r.returncode, r.stderr)
+    assert "clean-up did not finish within 0.5 s" in r.stderr
+    assert "File \"<string>\", line 9" in r.stderr  # faulthandler: the stuck line

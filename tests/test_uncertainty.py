@@ -40,9 +40,9 @@ def test_sample_quantiles_match_numpy():
     np.testing.assert_allclose(mean, s.mean(axis=0), atol=1e-6)
     assert lo.shape == (3, 5, 7) and lo.dtype == np.float32
     assert (lo <= med).all() and (med <= hi).all()
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         sample_quantiles(s[:1])
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         sample_quantiles(s, 0.6, 0.9)
 
 
@@ -152,7 +152,7 @@ def test_hb_ucb_shape():
     assert hb_ucb(0.1, 100, 0.01) > hb_ucb(0.1, 100, 0.1)  # more confidence, wider
     assert hb_ucb(0.0, 10, 0.1) == pytest.approx(1 - 0.1 ** (1 / 10), rel=1e-6)  # (1 - R)^n = delta
     assert hb_ucb(1.0, 10, 0.1) == 1.0
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         hb_ucb(0.1, 0, 0.1)
 
 
@@ -198,9 +198,9 @@ def test_calibration_scan_stops_at_first_violation():
     means = {0.5: 0.0, 1.0: 0.3, 1.5: 0.05, 2.0: 0.02, 2.5: 0.01}
     cal = calibrate_lambda(lambda lam: np.full(n, means[lam]), lambdas, alpha=0.1, delta=0.1)
     assert cal.lam == 1.5
-    with pytest.raises(InputError, match="alpha"):
+    with pytest.raises(ValueError, match="alpha"):
         calibrate_lambda(np.full((5, 10), 0.05), lambdas, alpha=0.1, delta=0.1)  # n too small
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         calibrate_lambda(np.zeros((4, 10)), lambdas)
 
 

@@ -183,7 +183,7 @@ class VstainGroup(typer.core.TyperGroup):
         from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
         reset_flags()
-        old = _sigterm_as_interrupt()
+        old = _signals_as_interrupt()
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)
@@ -197,22 +197,45 @@ class VstainGroup(typer.core.TyperGroup):
         except typer.Abort:
             code = 130
         finally:
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
+            for signum, handler in old.items():
+                signal.signal(signum, handler)
         if standalone_mode:
             sys.exit(code)
         return code
 
 
-def _sigterm_as_interrupt() -> Any:
-    """SIGTERM raises KeyboardInterrupt (so temporary files are cleaned up); returns the old handler."""
+# Seconds the clean-up after Ctrl-C or SIGTERM may take before the process gives up on it (a stuck clean-up
+# must never keep a user waiting: one Ctrl-C stops any command).
+CLEANUP_GRACE_S = 15.0
+
+
+def _give_up(signum: int) -> None:
+    """The clean-up after a signal is stuck: say so, show where every thread is, exit at once."""
+    import faulthandler
+
+    sys.stderr.write(f"\ninterrupted: clean-up did not finish within {CLEANUP_GRACE_S:g} s; exiting now (a temporary "
+                     "'.partial' output may be left); where each thread was:\n")
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    os._exit(128 + signum)
+
+
+def _signals_as_interrupt() -> dict[int, Any]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (so temporary files are cleaned up) and start a watchdog
+    that ends the process if that clean-up takes over ``CLEANUP_GRACE_S``; returns the old handlers.
+
+    (``train`` installs its own handlers while it runs: a signal checkpoints the current step.)
+    """
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
     def handler(signum: int, frame: Any) -> None:
+        watchdog = threading.Timer(CLEANUP_GRACE_S, _give_up, args=(signum,))
+        watchdog.daemon = True
+        watchdog.start()
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, handler)
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 # ----------------------------------------------------------------------------- errors
