@@ -214,7 +214,7 @@ def _give_up(signum: int) -> None:
     import faulthandler
 
     sys.stderr.write(f"\ninterrupted: clean-up did not finish within {CLEANUP_GRACE_S:g} s; exiting now (a temporary "
-                     "'.partial' output may be left); where each thread was:\n")
+                     "output may be left next to the output); where each thread was:\n")
     sys.stderr.flush()
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     os._exit(128 + signum)
