@@ -408,7 +408,6 @@ def cli_progress(enabled: bool = True) -> RichBars | LogProgress:
     return RichBars() if mode == "rich" else LogProgress(json_lines=mode == "json", quiet=mode == "quiet")
 
 
-
 # ----------------------------------------------------------------------------- run summaries
 
 

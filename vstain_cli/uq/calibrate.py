@@ -61,7 +61,7 @@ from vstain_cli.infer.bundled import bundle_root, bundled_path
 from vstain_cli.infer.run import Run, resolve_run
 from vstain_cli.infer.wholeslide import require_diffusion
 from vstain_cli.progress import NullProgress, Progress
-from vstain_cli.provenance import check_output_file, ensure_writable_dir, fingerprint, record, write_json
+from vstain_cli.provenance import check_output_file, fingerprint, record, write_json
 from vstain_cli.train.run_folder import CALIBRATION_FILE, WEIGHTS
 from vstain_cli.uq.intervals import (
     DEFAULT_FORM,
@@ -491,7 +491,6 @@ def calibrate_run(
     if options.test_split == options.split:
         warn(f"testing on the calibration split {options.split!r}: the coverage check is optimistic")
     drawn, sampling = _sampling_of(run, options, warn)
-    ensure_writable_dir(run_dir)
 
     keys = chosen_keys(info, options.split, options.n)
     dataset_grades = sorted({e.label for e in info.slides.values()})
